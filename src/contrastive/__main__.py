@@ -1,0 +1,73 @@
+"""Command line: `python -m contrastive train|eval|bench ...` (see README)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _train(args) -> int:
+    from .train import train
+
+    run = train(args.method, profile=args.profile, out_dir=args.out, epochs=args.epochs,
+                seed=args.seed, resume=args.resume, linear_probe=not args.no_linear)  # fmt: skip
+    s = run.summary
+    print(json.dumps({k: s[k] for k in ("method", "profile", "epochs", "knn_top1", "knn_top1_random_init",
+                                        "linear_top1", "linear_top1_random_init", "train_seconds",
+                                        "images_per_second", "device")}, indent=2))  # fmt: skip
+    if args.out:
+        print(f"wrote {args.out}/summary.json and {args.out}/metrics.jsonl")
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import bench_augment, format_table
+    from .data import load_cifar10
+
+    if args.what == "augment":
+        images = load_cifar10().train_images[: max(args.batch_sizes)]
+        rows = bench_augment(batch_sizes=tuple(args.batch_sizes), images=images, seconds=args.seconds)
+        print(format_table(rows))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(rows, fh, indent=2)
+            print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from .methods import METHODS
+    from .profiles import PROFILES
+
+    parser = argparse.ArgumentParser(prog="python -m contrastive", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a method and evaluate it against its random init")
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--profile", choices=list(PROFILES), default=None,
+                   help="default: $CONTRASTIVE_PROFILE, else gpu with CUDA and cpu without")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=None, help="default: the profile's")
+    p.add_argument("--out", default=None, help="folder for metrics.jsonl, checkpoints and summary.json")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("bench", help="measure throughput")
+    p.add_argument("what", choices=["augment"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.set_defaults(func=_bench)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""torch.distributed helpers. Under torchrun (RANK in the environment) the
+training loop becomes DistributedDataParallel; without it every helper is the
+identity, so methods call them unconditionally."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def setup(timeout_s: float = 300.0) -> torch.device | None:
+    """Join the process group torchrun describes; returns this rank's device, or None when not launched by torchrun.
+
+    The timeout bounds every collective, so one failed rank makes the others
+    exit with an error instead of waiting forever.
+    """
+    if "RANK" not in os.environ:
+        return None
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not is_distributed():
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    return device
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks along dim 0, letting gradients flow back to each rank's own rows."""
+    if not is_distributed():
+        return x
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / world_size()

@@ -1,0 +1,152 @@
+"""The evaluation protocol shared by every chapter.
+
+Features are the backbone's output (before any projection head), computed on
+non-augmented, normalised images. Two read-outs: InstDisc's weighted kNN
+(k = 200, temperature 0.1, cosine similarity) and a linear probe whose weight
+decay is chosen on a validation split carved from train, never on test.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import eval_transform
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module, images: torch.Tensor, batch_size: int = 1024, mean=None, std=None
+) -> torch.Tensor:
+    """Backbone features (N, D) in float32 of uint8 images (N, C, H, W), in eval mode, on the images' device."""
+    was_training = backbone.training
+    backbone.eval()
+    kwargs = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
+    use_amp = images.device.type == "cuda"
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        x = eval_transform(images[start : start + batch_size], **kwargs)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            chunks.append(backbone(x).float())
+    backbone.train(was_training)
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def knn_accuracy(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int = 200,
+    temperature: float = 0.1,
+    chunk_size: int = 1024,
+) -> float:
+    """Weighted kNN top-1 (Wu et al. 2018): each of the k most cosine-similar
+    training features votes for its class with weight exp(s / temperature)."""
+    if len(train_feats) != len(train_labels) or len(test_feats) != len(test_labels):
+        raise ValueError("features and labels must have the same length")
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, len(train_feats))
+    train_feats = F.normalize(train_feats.float(), dim=1)
+    test_feats = F.normalize(test_feats.float(), dim=1)
+    correct = 0
+    for start in range(0, len(test_feats), chunk_size):
+        sims = test_feats[start : start + chunk_size] @ train_feats.T
+        top_sims, top_idx = sims.topk(k, dim=1)
+        weights = (top_sims / temperature).exp()
+        votes = torch.zeros(len(sims), num_classes, device=sims.device)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        correct += (votes.argmax(1) == test_labels[start : start + chunk_size]).sum().item()
+    return correct / len(test_feats)
+
+
+def _stratified_split(labels: torch.Tensor, fraction: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    val = []
+    for c in labels.unique():
+        idx = (labels == c).nonzero().squeeze(1).cpu()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        val.append(idx[: max(1, int(round(fraction * len(idx))))])
+    val = torch.cat(val)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[val] = False
+    return mask.nonzero().squeeze(1), val
+
+
+def _fit_linear(x, y, num_classes, weight_decay, max_iter):
+    torch.manual_seed(0)
+    layer = nn.Linear(x.shape[1], num_classes).to(x.device)
+    opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
+                            line_search_fn="strong_wolfe")  # fmt: skip
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(layer(x), y) + weight_decay * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return layer
+
+
+def _accuracy(layer, x, y) -> float:
+    with torch.no_grad():
+        return (layer(x).argmax(1) == y).float().mean().item()
+
+
+def linear_probe(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    weight_decays=(0.0, 1e-5, 1e-4, 1e-3, 1e-2),
+    val_fraction: float = 0.1,
+    max_iter: int = 200,
+    seed: int = 0,
+) -> dict:
+    """Multinomial logistic regression on frozen features (full-batch L-BFGS).
+
+    The features are standardised with train statistics; the weight decay is
+    chosen on a stratified validation split of train; the probe is then refit
+    on all of train and scored once on test.
+    """
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    mean, std = train_feats.mean(0), train_feats.std(0) + 1e-6
+    xtr, xte = (train_feats - mean) / std, (test_feats - mean) / std
+    fit_idx, val_idx = _stratified_split(train_labels, val_fraction, seed)
+    fit_idx, val_idx = fit_idx.to(xtr.device), val_idx.to(xtr.device)
+    val_scores = {}
+    for wd in weight_decays:
+        layer = _fit_linear(xtr[fit_idx], train_labels[fit_idx], num_classes, wd, max_iter)
+        val_scores[wd] = _accuracy(layer, xtr[val_idx], train_labels[val_idx])
+    best = max(weight_decays, key=lambda wd: (val_scores[wd], wd))
+    layer = _fit_linear(xtr, train_labels, num_classes, best, max_iter)
+    return {
+        "top1": _accuracy(layer, xte, test_labels),
+        "weight_decay": best,
+        "val_top1": val_scores[best],
+        "val_scores": {str(k): v for k, v in val_scores.items()},
+    }
+
+
+def evaluate_backbone(backbone: nn.Module, data, batch_size: int = 1024, knn_k: int = 200,
+                      linear: bool = True) -> dict:  # fmt: skip
+    """kNN (and optionally the linear probe) of a backbone on a dataset's train/test splits."""
+    train_feats = extract_features(backbone, data.train_images, batch_size)
+    test_feats = extract_features(backbone, data.test_images, batch_size)
+    out = {"knn_top1": knn_accuracy(train_feats, data.train_labels, test_feats, data.test_labels, k=knn_k)}
+    if linear:
+        out["linear_top1"] = linear_probe(train_feats, data.train_labels, test_feats, data.test_labels)["top1"]
+    return out
+
+
+def alignment(z1: torch.Tensor, z2: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """E ||f(x) - f(y)||^alpha over positive pairs of normalised embeddings (Wang and Isola 2020)."""
+    return (F.normalize(z1, dim=1) - F.normalize(z2, dim=1)).norm(dim=1).pow(alpha).mean()
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """log E exp(-t ||f(x) - f(y)||^2) over distinct pairs of normalised embeddings (Wang and Isola 2020)."""
+    return torch.pdist(F.normalize(z, dim=1)).pow(2).mul(-t).exp().mean().log()

@@ -1,0 +1,27 @@
+import pytest
+import torch
+
+from contrastive.data import ImageDataset
+from contrastive.profiles import get_profile
+
+
+@pytest.fixture
+def tiny_data() -> ImageDataset:
+    """A synthetic 10-class image set whose classes differ in mean colour, small enough to train in seconds."""
+    gen = torch.Generator().manual_seed(0)
+    palette = torch.rand(10, 3, 1, 1, generator=gen) * 160 + 40
+
+    def split(n):
+        labels = torch.arange(10).repeat(n // 10)
+        noise = torch.randn(n, 3, 32, 32, generator=gen) * 30
+        images = (palette[labels] + noise).clamp(0, 255).to(torch.uint8)
+        return images, labels
+
+    (xtr, ytr), (xte, yte) = split(200), split(100)
+    return ImageDataset(xtr, ytr, xte, yte, classes=[f"c{i}" for i in range(10)], name="tiny",
+                        source="synthetic test data")  # fmt: skip
+
+
+@pytest.fixture
+def tiny_profile():
+    return get_profile("smoke", train_size=None, test_size=None, batch_size=50, epochs=2, eval_batch_size=100)

@@ -1,0 +1,149 @@
+import json
+import math
+
+import pytest
+import torch
+
+import contrastive.train as train_module
+from contrastive.methods.simclr import SimCLR
+from contrastive.train import NonFiniteLossError, atomic_write_bytes, load_checkpoint, lr_at, train
+
+CONTRACT_KEYS = {"method", "profile", "epochs", "knn_top1", "knn_top1_random_init", "seconds",
+                 "images_per_second", "device", "torch", "commit"}  # fmt: skip
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _without_timing(metrics):
+    return [{k: v for k, v in m.items() if k not in ("seconds", "images_per_second")} for m in metrics]
+
+
+def test_training_writes_metrics_checkpoints_and_a_summary_with_the_contract_keys(tmp_path, tiny_data, tiny_profile):
+    run = train("simclr", tiny_profile, out_dir=tmp_path, data=tiny_data, progress=False, log=lambda *_: None)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert CONTRACT_KEYS <= set(summary)
+    assert summary["method"] == "simclr" and summary["epochs"] == 2 and summary["profile"] == "smoke"
+    assert 0 <= summary["knn_top1"] <= 1 and 0 <= summary["knn_top1_random_init"] <= 1
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert all(math.isfinite(json.loads(line)["loss"]) for line in lines)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_0001.pt", "checkpoint_0002.pt"]
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+    ckpt = torch.load(tmp_path / "checkpoint_0002.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 8
+    assert run.summary["knn_top1"] == summary["knn_top1"]
+
+
+def test_training_learns_on_data_with_structure(tiny_data, tiny_profile):
+    """Colour-coded classes: the loss falls, and the trained encoder's kNN beats chance."""
+    run = train("simclr", tiny_profile, data=tiny_data, epochs=4, progress=False, log=lambda *_: None)
+    assert run.metrics[-1]["loss"] < run.metrics[0]["loss"]
+    assert run.summary["knn_top1"] > 0.3
+
+
+def test_same_seed_gives_identical_weights_and_metrics_on_cpu(tiny_data, tiny_profile):
+    runs = [train("simclr", tiny_profile, data=tiny_data, seed=3, progress=False, log=lambda *_: None, linear_probe=False)
+            for _ in range(2)]  # fmt: skip
+    assert _same_weights(runs[0].method.state_dict(), runs[1].method.state_dict())
+    assert _without_timing(runs[0].metrics) == _without_timing(runs[1].metrics)
+    other = train("simclr", tiny_profile, data=tiny_data, seed=4, progress=False, log=lambda *_: None, linear_probe=False)
+    assert not _same_weights(runs[0].method.state_dict(), other.method.state_dict())
+
+
+def test_a_run_interrupted_mid_epoch_and_resumed_matches_an_uninterrupted_run(tmp_path, tiny_data, tiny_profile, monkeypatch):
+    profile = tiny_profile.__class__(**{**tiny_profile.__dict__, "epochs": 3})
+    quiet = dict(data=tiny_data, progress=False, log=lambda *_: None, linear_probe=False)
+    full = train("simclr", profile, out_dir=tmp_path / "full", **quiet)
+
+    real_lr_at = train_module.lr_at
+
+    def interrupt_in_epoch_three(step, *args):
+        if step == 9:  # 4 steps per epoch: the second step of epoch 3
+            raise KeyboardInterrupt
+        return real_lr_at(step, *args)
+
+    monkeypatch.setattr(train_module, "lr_at", interrupt_in_epoch_three)
+    with pytest.raises(KeyboardInterrupt):
+        train("simclr", profile, out_dir=tmp_path / "resumed", **quiet)
+    monkeypatch.setattr(train_module, "lr_at", real_lr_at)
+    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 2
+
+    resumed = train("simclr", profile, out_dir=tmp_path / "resumed", resume=True, **quiet)
+    assert _same_weights(full.method.state_dict(), resumed.method.state_dict())
+    assert _without_timing(full.metrics) == _without_timing(resumed.metrics)
+    assert resumed.summary["knn_top1"] == full.summary["knn_top1"]
+
+
+def test_a_nan_loss_stops_with_the_step_named_and_the_last_checkpoint_intact(tmp_path, tiny_data, tiny_profile, monkeypatch):
+    real_forward, calls = SimCLR.forward, []
+
+    def nan_in_epoch_two(self, images):
+        calls.append(1)
+        loss = real_forward(self, images)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    monkeypatch.setattr(SimCLR, "forward", nan_in_epoch_two)
+    with pytest.raises(NonFiniteLossError, match=r"nan at epoch 2, step 2 \(global step 6\)") as err:
+        train("simclr", tiny_profile, out_dir=tmp_path, data=tiny_data, progress=False, log=lambda *_: None)
+    assert "checkpoint_0001.pt is intact" in str(err.value)
+    ckpt, path = load_checkpoint(tmp_path, "cpu")
+    assert path.name == "checkpoint_0001.pt" and ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_a_corrupt_latest_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, tiny_data, tiny_profile):
+    quiet = dict(data=tiny_data, progress=False, log=lambda *_: None, linear_probe=False)
+    train("simclr", tiny_profile, out_dir=tmp_path, **quiet)
+    latest = tmp_path / "checkpoint_0002.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated, as by a crash during a non-atomic write
+    with pytest.warns(UserWarning, match="checkpoint_0002.pt is unreadable"):
+        ckpt, path = load_checkpoint(tmp_path, "cpu")
+    assert path.name == "checkpoint_0001.pt" and ckpt["epoch"] == 1
+    with pytest.warns(UserWarning, match="unreadable"):
+        run = train("simclr", tiny_profile, out_dir=tmp_path, resume=True, **quiet)
+    assert [m["epoch"] for m in run.metrics] == [1, 2]
+
+
+def test_an_existing_run_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_path, tiny_data, tiny_profile):
+    quiet = dict(data=tiny_data, progress=False, log=lambda *_: None, linear_probe=False)
+    train("simclr", tiny_profile, out_dir=tmp_path / "a", epochs=1, **quiet)
+    with pytest.raises(FileExistsError, match="resume"):
+        train("simclr", tiny_profile, out_dir=tmp_path / "a", epochs=1, **quiet)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train("simclr", tiny_profile, out_dir=tmp_path / "b", resume=True, **quiet)
+    with pytest.raises(ValueError, match="cannot resume"):
+        train("simclr", tiny_profile, out_dir=tmp_path / "a", epochs=1, seed=5, resume=True, **quiet)
+
+
+def test_an_unknown_method_is_an_error_listing_the_valid_ones(tiny_data, tiny_profile):
+    with pytest.raises(ValueError, match="choose one of .*simclr"):
+        train("simclr2", tiny_profile, data=tiny_data, progress=False, log=lambda *_: None)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_zero():
+    lrs = [lr_at(s, 100, 10, 0.5) for s in range(100)]
+    assert lrs[:10] == pytest.approx([0.05 * (s + 1) for s in range(10)])
+    assert max(lrs) == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[55] == pytest.approx(0.25, abs=0.01)  # halfway through the decay
+    assert lr_at(100, 100, 10, 0.5) == pytest.approx(0.0)
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+
+    def failing(fh):
+        fh.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, failing)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]  # the partial temporary file is gone

@@ -7,7 +7,7 @@ from contrastive.profiles import get_profile
 
 @pytest.fixture
 def tiny_data() -> ImageDataset:
-    """A synthetic 10-class image set whose classes differ in mean colour, small enough to train in seconds."""
+    """A synthetic 10-class image set whose classes differ in mean colour; trains in seconds."""
     gen = torch.Generator().manual_seed(0)
     palette = torch.rand(10, 3, 1, 1, generator=gen) * 160 + 40
 

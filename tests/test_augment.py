@@ -59,9 +59,7 @@ def recipe_for(channels: int, size: int) -> Recipe:
     return Recipe(size=size, blur_p=0.5, solarize_p=0.5, mean=(0.5,), std=(0.25,))
 
 
-shapes = st.tuples(
-    st.integers(1, 9), st.sampled_from([1, 3]), st.integers(8, 32), st.integers(8, 32)
-)
+shapes = st.tuples(st.integers(1, 9), st.sampled_from([1, 3]), st.integers(8, 32), st.integers(8, 32))
 
 
 @FEW
@@ -128,9 +126,7 @@ def test_jitter_with_probability_one_changes_every_sample():
 
 def test_jitter_applies_to_about_p_of_the_samples():
     x = torch.full((2000, 3, 2, 2), 0.5)
-    out = color_jitter(
-        x, brightness=0.5, contrast=0, saturation=0, hue=0, p=0.3, generator=seeded()
-    )
+    out = color_jitter(x, brightness=0.5, contrast=0, saturation=0, hue=0, p=0.3, generator=seeded())
     changed = (out != x).flatten(1).any(dim=1).float().mean().item()
     assert abs(changed - 0.3) < 0.05
 
@@ -201,7 +197,7 @@ def test_brightness_factor_scales_a_constant_image_and_clamps(value, factor):
 
 
 def test_weak_jitter_keeps_each_sample_close_to_its_own_input():
-    # The ops run on slices of a reordered batch; a row mix-up would show as a big change.
+    # The ops run on the gathered subset of applied samples; a row mix-up would show as a big change.
     x = images(64, 3, 8, 8)
     out = color_jitter(x, 0.02, 0.02, 0.02, 0.005, p=1.0, generator=seeded())
     assert (out - x).abs().max() < 0.1
@@ -250,9 +246,7 @@ def test_hue_shift_matches_colorsys_pixel_by_pixel():
             for col in range(4):
                 h, s, v = colorsys.rgb_to_hsv(*x[i, :, row, col].tolist())
                 rgb = colorsys.hsv_to_rgb((h + shift[i].item()) % 1.0, s, v)
-                torch.testing.assert_close(
-                    out[i, :, row, col], torch.tensor(rgb), atol=1e-5, rtol=0
-                )
+                torch.testing.assert_close(out[i, :, row, col], torch.tensor(rgb), atol=1e-5, rtol=0)
 
 
 def test_gaussian_blur_preserves_a_constant_image():

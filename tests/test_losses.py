@@ -25,8 +25,13 @@ def nt_xent_reference(z1, z2, temperature):
 @given(n=st.integers(2, 6), d=st.integers(2, 8), temperature=st.floats(0.05, 2.0), seed=st.integers(0, 999))
 def test_nt_xent_equals_the_anchor_by_anchor_definition(n, d, temperature, seed):
     gen = torch.Generator().manual_seed(seed)
-    z1, z2 = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, d, generator=gen, dtype=torch.float64)
-    assert torch.allclose(losses.nt_xent(z1, z2, temperature).double(), nt_xent_reference(z1, z2, temperature), atol=1e-5)
+    z1, z2 = (
+        torch.randn(n, d, generator=gen, dtype=torch.float64),
+        torch.randn(n, d, generator=gen, dtype=torch.float64),
+    )
+    assert torch.allclose(
+        losses.nt_xent(z1, z2, temperature).double(), nt_xent_reference(z1, z2, temperature), atol=1e-5
+    )
 
 
 def test_nt_xent_is_invariant_to_the_scale_of_each_embedding():

@@ -24,7 +24,9 @@ def _without_timing(metrics):
     return [{k: v for k, v in m.items() if k not in ("seconds", "images_per_second")} for m in metrics]
 
 
-def test_training_writes_metrics_checkpoints_and_a_summary_with_the_contract_keys(tmp_path, tiny_data, tiny_profile):
+def test_training_writes_metrics_checkpoints_and_a_summary_with_the_contract_keys(
+    tmp_path, tiny_data, tiny_profile
+):
     run = train("simclr", tiny_profile, out_dir=tmp_path, data=tiny_data, progress=False, log=lambda *_: None)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert CONTRACT_KEYS <= set(summary)
@@ -33,7 +35,10 @@ def test_training_writes_metrics_checkpoints_and_a_summary_with_the_contract_key
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
     assert all(math.isfinite(json.loads(line)["loss"]) for line in lines)
-    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == ["checkpoint_0001.pt", "checkpoint_0002.pt"]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint_*.pt")) == [
+        "checkpoint_0001.pt",
+        "checkpoint_0002.pt",
+    ]
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
     ckpt = torch.load(tmp_path / "checkpoint_0002.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 8
@@ -48,15 +53,25 @@ def test_training_learns_on_data_with_structure(tiny_data, tiny_profile):
 
 
 def test_same_seed_gives_identical_weights_and_metrics_on_cpu(tiny_data, tiny_profile):
-    runs = [train("simclr", tiny_profile, data=tiny_data, seed=3, progress=False, log=lambda *_: None, linear_probe=False)
-            for _ in range(2)]  # fmt: skip
+    quiet = dict(data=tiny_data, progress=False, log=lambda *_: None, linear_probe=False)
+    runs = [train("simclr", tiny_profile, seed=3, **quiet) for _ in range(2)]
     assert _same_weights(runs[0].method.state_dict(), runs[1].method.state_dict())
     assert _without_timing(runs[0].metrics) == _without_timing(runs[1].metrics)
-    other = train("simclr", tiny_profile, data=tiny_data, seed=4, progress=False, log=lambda *_: None, linear_probe=False)
+    other = train(
+        "simclr",
+        tiny_profile,
+        data=tiny_data,
+        seed=4,
+        progress=False,
+        log=lambda *_: None,
+        linear_probe=False,
+    )
     assert not _same_weights(runs[0].method.state_dict(), other.method.state_dict())
 
 
-def test_a_run_interrupted_mid_epoch_and_resumed_matches_an_uninterrupted_run(tmp_path, tiny_data, tiny_profile, monkeypatch):
+def test_a_run_interrupted_mid_epoch_and_resumed_matches_an_uninterrupted_run(
+    tmp_path, tiny_data, tiny_profile, monkeypatch
+):
     profile = tiny_profile.__class__(**{**tiny_profile.__dict__, "epochs": 3})
     quiet = dict(data=tiny_data, progress=False, log=lambda *_: None, linear_probe=False)
     full = train("simclr", profile, out_dir=tmp_path / "full", **quiet)
@@ -80,7 +95,9 @@ def test_a_run_interrupted_mid_epoch_and_resumed_matches_an_uninterrupted_run(tm
     assert resumed.summary["knn_top1"] == full.summary["knn_top1"]
 
 
-def test_a_nan_loss_stops_with_the_step_named_and_the_last_checkpoint_intact(tmp_path, tiny_data, tiny_profile, monkeypatch):
+def test_a_nan_loss_stops_with_the_step_named_and_the_last_checkpoint_intact(
+    tmp_path, tiny_data, tiny_profile, monkeypatch
+):
     real_forward, calls = SimCLR.forward, []
 
     def nan_in_epoch_two(self, images):
@@ -110,7 +127,9 @@ def test_a_corrupt_latest_checkpoint_is_named_and_the_previous_one_is_used(tmp_p
     assert [m["epoch"] for m in run.metrics] == [1, 2]
 
 
-def test_an_existing_run_is_never_overwritten_and_resume_needs_a_checkpoint(tmp_path, tiny_data, tiny_profile):
+def test_an_existing_run_is_never_overwritten_and_resume_needs_a_checkpoint(
+    tmp_path, tiny_data, tiny_profile
+):
     quiet = dict(data=tiny_data, progress=False, log=lambda *_: None, linear_probe=False)
     train("simclr", tiny_profile, out_dir=tmp_path / "a", epochs=1, **quiet)
     with pytest.raises(FileExistsError, match="resume"):

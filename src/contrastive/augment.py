@@ -224,7 +224,7 @@ def color_jitter(
     p: float = 0.8,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """torchvision's ColorJitter wrapped in RandomApply(p), with per-sample factors and order.
+    """torchvision's ColorJitter wrapped in RandomApply(p): per-sample factors, one random op order per call.
 
     Brightness, contrast and saturation factors are uniform in [max(0, 1 - s), 1 + s],
     the hue shift uniform in [-hue, hue] turns. One-channel images get brightness and
@@ -258,23 +258,18 @@ def color_jitter(
         dim=1,
     )
     applied = _coin(p, batch, generator, device)
-    # Each sample runs the four ops in its own random order, as torchvision draws one
-    # order per image. Op index 4 marks samples that skip jitter altogether.
-    order = _rand((batch, 4), generator, device).argsort(dim=1)
-    order = torch.where(applied[:, None], order, 4)
-    # Step k sorts the batch by the op each sample runs k-th, so every op runs once on
-    # a contiguous slice; one host sync reads all slice sizes up front.
-    sizes = F.one_hot(order, 5).sum(dim=0).tolist()
+    # torchvision draws an order of the four ops per image; here one random order is
+    # drawn per call and shared by the batch. A per-image order costs a gather and a
+    # scatter of the whole batch per op position, a third of the jitter's time on a
+    # CPU, while over an epoch of batches every order still occurs equally often.
+    order = _rand((4,), generator, device).argsort().tolist()
+    rows = applied.nonzero().squeeze(1)
+    piece = x[rows]
+    for j in order:
+        if ops[j] is not None and len(piece):
+            piece = ops[j](piece, factors[rows, j])
     out = x.clone()
-    for step in range(4):
-        rows = order[:, step].argsort(stable=True)
-        slices = out[rows].split(sizes[step])
-        params = factors[rows].split(sizes[step])
-        done = []
-        for j, (piece, param) in enumerate(zip(slices, params, strict=True)):
-            op = ops[j] if j < 4 else None
-            done.append(op(piece, param[:, j]) if op is not None and len(piece) else piece)
-        out[rows] = torch.cat(done)
+    out[rows] = piece
     return out
 
 

@@ -18,9 +18,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _images_per_second(
-    run: Callable[[], object], images: int, seconds: float, device: torch.device
-) -> float:
+def _images_per_second(run: Callable[[], object], images: int, seconds: float, device: torch.device) -> float:
     """Throughput of `run` (which handles `images` images), warm-up excluded."""
     run()  # first call pays for lazy initialisation and allocator growth
     _synchronize(device)
@@ -120,8 +118,7 @@ def format_table(rows: Sequence[dict]) -> str:
     first = rows[0]
     torchvision = first["torchvision"] or "not installed, its pipeline was skipped"
     title = (
-        f"augmentation throughput on {first['device']} "
-        f"(torch {first['torch']}, torchvision {torchvision})"
+        f"augmentation throughput on {first['device']} (torch {first['torch']}, torchvision {torchvision})"
     )
     batched = {r["batch_size"]: r["images_per_second"] for r in rows if r["pipeline"] == "batched"}
     header = ("pipeline", "batch", "images/s", "batched speed-up")

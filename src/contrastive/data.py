@@ -109,9 +109,7 @@ class ImageDataset:
         }
         return dataclasses.replace(self, **moved)
 
-    def subset(
-        self, n_train: int | None = None, n_test: int | None = None, seed: int = 0
-    ) -> ImageDataset:
+    def subset(self, n_train: int | None = None, n_test: int | None = None, seed: int = 0) -> ImageDataset:
         """A copy keeping n_train train and n_test test images, stratified by class.
 
         Each class keeps its share of the split (n / 10 per class on CIFAR-10), the
@@ -319,9 +317,7 @@ def _check_batch(batch: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: 'data' has shape {data.shape} and 'labels' {labels.shape}, expected "
             f"(n, 3072) and (n,): {_refetch(path)}"
         )
-    if labels.dtype.kind not in "iu" or (
-        labels.size and not 0 <= labels.min() <= labels.max() <= 9
-    ):
+    if labels.dtype.kind not in "iu" or (labels.size and not 0 <= labels.min() <= labels.max() <= 9):
         raise ValueError(f"{path}: 'labels' are not integers in 0..9: {_refetch(path)}")
     return data, labels.astype(np.int64)
 
@@ -394,9 +390,7 @@ def _npz_split(npz, split: str, path: Path, n_classes: int, multi_label: bool):
     )
 
 
-def load_medmnist(
-    name: str, root: str | os.PathLike | None = None, download: bool = True
-) -> ImageDataset:
+def load_medmnist(name: str, root: str | os.PathLike | None = None, download: bool = True) -> ImageDataset:
     """A MedMNIST v2 data set at 28 px from `<root>/medmnist/<name>.npz`.
 
     Images come back as uint8 (N, 1 or 3, 28, 28) and labels as int64 (N,) (ChestMNIST:
@@ -419,13 +413,10 @@ def load_medmnist(
     try:
         npz = np.load(path, allow_pickle=False)
     except Exception as err:
-        raise ValueError(
-            f"{path} is not a readable .npz file ({err}): delete it and load again."
-        ) from err
+        raise ValueError(f"{path} is not a readable .npz file ({err}): delete it and load again.") from err
     with npz:
         split = {
-            s: _npz_split(npz, s, path, len(classes), name in MULTI_LABEL)
-            for s in ("train", "val", "test")
+            s: _npz_split(npz, s, path, len(classes), name in MULTI_LABEL) for s in ("train", "val", "test")
         }
     if split["train"][0] is None:
         raise ValueError(f"{path} has no train_images and train_labels.")

@@ -24,7 +24,9 @@ def world_size() -> int:
 
 
 def setup(timeout_s: float = 300.0) -> torch.device | None:
-    """Join the process group torchrun describes; returns this rank's device, or None when not launched by torchrun.
+    """Join the process group torchrun describes and return this rank's device.
+
+    Returns None when the process was not launched by torchrun.
 
     The timeout bounds every collective, so one failed rank makes the others
     exit with an error instead of waiting forever.

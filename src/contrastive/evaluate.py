@@ -19,7 +19,7 @@ from .augment import eval_transform
 def extract_features(
     backbone: nn.Module, images: torch.Tensor, batch_size: int = 1024, mean=None, std=None
 ) -> torch.Tensor:
-    """Backbone features (N, D) in float32 of uint8 images (N, C, H, W), in eval mode, on the images' device."""
+    """Backbone features (N, D), float32, of uint8 images (N, C, H, W); eval mode, images' device."""
     was_training = backbone.training
     backbone.eval()
     kwargs = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
@@ -138,7 +138,9 @@ def evaluate_backbone(backbone: nn.Module, data, batch_size: int = 1024, knn_k: 
     test_feats = extract_features(backbone, data.test_images, batch_size)
     out = {"knn_top1": knn_accuracy(train_feats, data.train_labels, test_feats, data.test_labels, k=knn_k)}
     if linear:
-        out["linear_top1"] = linear_probe(train_feats, data.train_labels, test_feats, data.test_labels)["top1"]
+        out["linear_top1"] = linear_probe(train_feats, data.train_labels, test_feats, data.test_labels)[
+            "top1"
+        ]
     return out
 
 

@@ -27,13 +27,13 @@ def triplet_loss(
 
 
 def smooth_max(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """tau * log sum_k exp(s_k / tau) over the last dimension; tends to max_k s_k as tau -> 0 (Introduction)."""
+    """tau * log sum_k exp(s_k / tau) over the last dim; tends to max_k s_k as tau -> 0 (Introduction)."""
     _check_temperature(temperature)
     return temperature * torch.logsumexp(scores / temperature, dim=-1)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """SimCLR's NT-Xent: -log exp(s_ij/tau) / sum_{k != i} exp(s_ik/tau), mean over all 2N anchors (SimCLR chapter).
+    """NT-Xent: -log exp(s_ij/tau) / sum_{k != i} exp(s_ik/tau), mean over the 2N anchors (SimCLR chapter).
 
     z1, z2: (N, D) projections of two views of the same N images, unnormalised
     (normalised here); row i of z1 and row i of z2 form the positive pair, the

@@ -40,7 +40,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "cpu": Profile(
         name="cpu", backbone="convnet_small", train_size=20000, test_size=5000, batch_size=256,
-        epochs=12, lr=0.5, weight_decay=5e-4, warmup_epochs=1.0, knn_every=2,
+        epochs=10, lr=0.5, weight_decay=5e-4, warmup_epochs=1.0, knn_every=2,
         eval_batch_size=1000, amp=False, compile=False, device="cpu",
     ),
     "gpu": Profile(
@@ -61,14 +61,11 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
         name = "gpu" if torch.cuda.is_available() else "cpu"
     if name not in PROFILES:
         raise ValueError(
-            f"unknown profile {name!r}: choose one of {', '.join(PROFILES)} "
-            "(argument or CONTRASTIVE_PROFILE)"
+            f"unknown profile {name!r}: choose one of {', '.join(PROFILES)} (argument or CONTRASTIVE_PROFILE)"
         )
     profile = PROFILES[name]
     if profile.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            "the gpu profile needs a CUDA device and none is available; use the cpu profile"
-        )
+        raise RuntimeError("the gpu profile needs a CUDA device and none is available; use the cpu profile")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
     if unknown:
         raise ValueError(f"unknown profile fields {sorted(unknown)}")
@@ -82,5 +79,7 @@ def banner(profile: Profile, data_source: str = "") -> str:
         device = torch.cuda.get_device_name()
     else:
         device = f"cpu ({torch.get_num_threads()} threads)"
-    line = f"profile={profile.name} | device={device} | backbone={profile.backbone} | torch {torch.__version__}"
+    line = (
+        f"profile={profile.name} | device={device} | backbone={profile.backbone} | torch {torch.__version__}"
+    )
     return line + (f" | data: {data_source}" if data_source else "")

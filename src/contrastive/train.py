@@ -203,7 +203,9 @@ def train(
 
     ddp = model
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
     if profile.compile and device.type == "cuda":
         ddp = torch.compile(ddp)
 
@@ -231,7 +233,11 @@ def train(
             value = loss.item()
             if not math.isfinite(value):
                 where = f"epoch {epoch + 1}, step {i + 1} (global step {state['step'] + 1})"
-                kept = f"the last good checkpoint {last_good} is intact" if last_good else "no epoch had finished, so there is no checkpoint"
+                kept = (
+                    f"the last good checkpoint {last_good} is intact"
+                    if last_good
+                    else "no epoch had finished, so there is no checkpoint"
+                )
                 raise NonFiniteLossError(f"the {method} loss became {value} at {where}; training stopped "
                                          f"before the update and {kept}. Lower the learning rate or "
                                          "check the inputs, then resume.")  # fmt: skip

@@ -1,0 +1,60 @@
+"""Execute notebooks in place and record how their stored outputs were produced.
+
+usage: python scripts/execute_notebooks.py [--profile smoke|cpu|gpu] book/*.ipynb
+
+Each notebook's metadata gets a `contrastive` entry with the profile, device,
+torch version, commit and date of the run, which the book's readers can check
+against the banner the notebook prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=["smoke", "cpu", "gpu"], default=None)
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    parser.add_argument("notebooks", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    if args.profile:
+        os.environ["CONTRASTIVE_PROFILE"] = args.profile
+
+    from contrastive.profiles import get_profile
+    from contrastive.train import device_description, git_commit
+
+    profile = get_profile()
+    import torch
+
+    device = device_description(torch.device(profile.device))
+    for path in args.notebooks:
+        nb = nbformat.read(path, as_version=4)
+        started = time.perf_counter()
+        print(f"executing {path} (profile {profile.name}) ...", flush=True)
+        NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()  # fmt: skip
+        seconds = time.perf_counter() - started
+        nb.metadata["contrastive"] = {
+            "profile": profile.name,
+            "device": device,
+            "torch": torch.__version__,
+            "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "seconds": round(seconds, 1),
+        }
+        nbformat.write(nb, path)
+        print(f"  done in {seconds:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     import torch
 
     device = device_description(torch.device(profile.device))
+    commit = git_commit()  # before running: the code that produced the outputs
     for path in args.notebooks:
         nb = nbformat.read(path, as_version=4)
         started = time.perf_counter()
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
             "profile": profile.name,
             "device": device,
             "torch": torch.__version__,
-            "commit": git_commit(),
+            "commit": commit,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "seconds": round(seconds, 1),
         }

@@ -34,10 +34,19 @@ def test_train_writes_summary_and_metrics_and_resume_completes_a_longer_run(tmp_
         assert key in summary
     assert summary["method"] == "simclr" and summary["profile"] == "smoke" and summary["epochs"] == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
-    again = run_cli("train", "--method", "simclr", "--profile", "smoke", "--epochs", "2", "--out", str(out), "--resume")
+    again = run_cli(
+        "train", "--method", "simclr", "--profile", "smoke", "--epochs", "2", "--out", str(out), "--resume"
+    )
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    evaluated = run_cli("eval", "--out", str(out), "--no-linear")
+    assert evaluated.returncode == 0, evaluated.stderr
+    result = json.loads(evaluated.stdout)
+    assert (
+        result["epoch"] == 2
+        and result["knn_top1"] == json.loads((out / "summary.json").read_text())["knn_top1"]
+    )
 
 
 def test_unknown_method_lists_the_valid_ones():
@@ -46,14 +55,18 @@ def test_unknown_method_lists_the_valid_ones():
 
 
 def test_unknown_profile_in_the_environment_is_a_clear_error(tmp_path):
-    done = run_cli("train", "--method", "simclr", "--out", str(tmp_path), env={"CONTRASTIVE_PROFILE": "laptop"})
+    done = run_cli(
+        "train", "--method", "simclr", "--out", str(tmp_path), env={"CONTRASTIVE_PROFILE": "laptop"}
+    )
     assert done.returncode == 2
     assert "unknown profile 'laptop'" in done.stderr and "smoke, cpu, gpu" in done.stderr
     assert "Traceback" not in done.stderr
 
 
 def test_resume_without_a_checkpoint_says_so(tmp_path):
-    done = run_cli("train", "--method", "simclr", "--profile", "smoke", "--out", str(tmp_path / "none"), "--resume")
+    done = run_cli(
+        "train", "--method", "simclr", "--profile", "smoke", "--out", str(tmp_path / "none"), "--resume"
+    )
     assert done.returncode == 2 and "nothing to resume" in done.stderr
 
 
@@ -61,7 +74,11 @@ def test_missing_data_without_network_names_the_folder_and_the_variable(tmp_path
     empty = tmp_path / "empty"
     empty.mkdir()
     # An unroutable proxy makes the download fail fast, as on a machine without network.
-    env = {"CONTRASTIVE_DATA": str(empty), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    env = {
+        "CONTRASTIVE_DATA": str(empty),
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+    }
     done = run_cli("train", "--method", "simclr", "--profile", "smoke", env=env, timeout=120)
     assert done.returncode == 2
     assert str(Path(empty) / CIFAR10_FOLDER) in done.stderr and "CONTRASTIVE_DATA" in done.stderr

@@ -24,7 +24,7 @@ def test_unknown_profile_is_an_error_listing_the_valid_ones(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error shown without CUDA")
 def test_gpu_profile_without_cuda_says_so():
-    with pytest.raises(RuntimeError, match="CUDA"):
+    with pytest.raises(ValueError, match="CUDA"):
         get_profile("gpu")
 
 

@@ -84,8 +84,10 @@ def test_a_run_interrupted_mid_epoch_and_resumed_matches_an_uninterrupted_run(
         return real_lr_at(step, *args)
 
     monkeypatch.setattr(train_module, "lr_at", interrupt_in_epoch_three)
+    said = []
     with pytest.raises(KeyboardInterrupt):
-        train("simclr", profile, out_dir=tmp_path / "resumed", **quiet)
+        train("simclr", profile, out_dir=tmp_path / "resumed", **{**quiet, "log": said.append})
+    assert "interrupted during epoch 3" in said[-1] and "checkpoint_0002.pt" in said[-1]
     monkeypatch.setattr(train_module, "lr_at", real_lr_at)
     assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 2
 

@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 
 
 def _train(args) -> int:
+    from .distributed import cleanup
     from .train import train
 
     run = train(args.method, profile=args.profile, out_dir=args.out, epochs=args.epochs,
                 seed=args.seed, resume=args.resume, linear_probe=not args.no_linear)  # fmt: skip
+    cleanup()
     s = run.summary
     print(json.dumps({k: s[k] for k in ("method", "profile", "epochs", "knn_top1", "knn_top1_random_init",
                                         "linear_top1", "linear_top1_random_init", "train_seconds",
                                         "images_per_second", "device")}, indent=2))  # fmt: skip
     if args.out:
         print(f"wrote {args.out}/summary.json and {args.out}/metrics.jsonl")
+    return 0
+
+
+def _eval(args) -> int:
+    from .train import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.out, linear_probe=not args.no_linear), indent=2))
     return 0
 
 
@@ -54,6 +64,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("eval", help="evaluate the newest checkpoint of a run (kNN, linear probe)")
+    p.add_argument("--out", required=True, help="the run's folder")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
+    p.set_defaults(func=_eval)
+
     p = sub.add_parser("bench", help="measure throughput")
     p.add_argument("what", choices=["augment"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 512, 1024])
@@ -62,9 +77,18 @@ def main(argv=None) -> int:
     p.set_defaults(func=_bench)
 
     args = parser.parse_args(argv)
+    from .train import NonFiniteLossError
+
+    # A mistake in the input gets one sentence; anything else is a bug and keeps its traceback.
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        pickle.UnpicklingError,
+        NonFiniteLossError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

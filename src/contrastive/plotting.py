@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib.pyplot as plt
 
 METHOD_COLORS = {
@@ -33,20 +35,22 @@ def color(method: str) -> str:
 
 def timeline_figure():
     """The book's map: the twelve methods on one time axis."""
-    fig, ax = plt.subplots(figsize=(10, 3.6))
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    heights = (1.0, -1.0, 2.2, -2.2)  # neighbours alternate sides and levels, so labels never overlap
     per_year: dict[int, int] = {}
-    for year, name, idea in TIMELINE:
+    for i, (year, name, idea) in enumerate(TIMELINE):
         k = per_year.get(year, 0)
         per_year[year] = k + 1
-        x = year + 0.22 * k
-        y = 1 if k % 2 == 0 else -1
-        key = name.lower().replace(" ", "").replace("v1", "")
-        ax.plot([x, x], [0, 0.6 * y], color=color(key), lw=1.5)
-        ax.scatter([x], [0], color=color(key), zorder=3, s=40)
-        ax.text(x, 0.68 * y, f"{name}\n{idea}", ha="center", va="bottom" if y > 0 else "top", fontsize=8)
+        x, y = year + 0.25 * k, heights[i % len(heights)]
+        c = color(name.replace(" v1", ""))
+        ax.plot([x, x], [0, y], color=c, lw=1.5)
+        ax.scatter([x], [0], color=c, zorder=3, s=40)
+        label = f"{name}\n" + "\n".join(textwrap.wrap(idea, 18))
+        ax.text(x, y + (0.08 if y > 0 else -0.08), label, ha="center", va="bottom" if y > 0 else "top",
+                fontsize=8, color="black")  # fmt: skip
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xlim(2017.7, 2022.0)
-    ax.set_ylim(-2.0, 2.0)
+    ax.set_xlim(2017.8, 2021.9)
+    ax.set_ylim(-3.6, 3.6)
     ax.set_xticks([2018, 2019, 2020, 2021])
     ax.set_yticks([])
     for side in ("left", "right", "top"):

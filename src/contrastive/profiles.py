@@ -65,7 +65,7 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
         )
     profile = PROFILES[name]
     if profile.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("the gpu profile needs a CUDA device and none is available; use the cpu profile")
+        raise ValueError("the gpu profile needs a CUDA device and none is available; use the cpu profile")
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
     if unknown:
         raise ValueError(f"unknown profile fields {sorted(unknown)}")

@@ -216,56 +216,69 @@ def train(
     total_steps = steps_per_epoch * profile.epochs
     warmup_steps = int(profile.warmup_epochs * steps_per_epoch)
 
-    for epoch in range(state["epoch"], profile.epochs):
-        # The order depends on (seed, epoch) alone, so a resumed run sees the same batches.
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(device)
-        model.train()
-        t0, loss_sum = time.perf_counter(), 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{profile.epochs}", leave=False,
-                   disable=not (is_main and _progress_enabled(progress)), dynamic_ncols=True)  # fmt: skip
-        for i in bar:
-            idx = order[i * batch : (i + 1) * batch][distributed.rank() :: world]
-            lr = lr_at(state["step"], total_steps, warmup_steps, profile.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = ddp(data.train_images[idx])
-            value = loss.item()
-            if not math.isfinite(value):
-                where = f"epoch {epoch + 1}, step {i + 1} (global step {state['step'] + 1})"
-                kept = (
-                    f"the last good checkpoint {last_good} is intact"
-                    if last_good
-                    else "no epoch had finished, so there is no checkpoint"
+    try:
+        for epoch in range(state["epoch"], profile.epochs):
+            # The order depends on (seed, epoch) alone, so a resumed run sees the same batches.
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(
+                device
+            )
+            model.train()
+            t0, loss_sum = time.perf_counter(), 0.0
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{profile.epochs}", leave=False,
+                       disable=not (is_main and _progress_enabled(progress)), dynamic_ncols=True)  # fmt: skip
+            for i in bar:
+                idx = order[i * batch : (i + 1) * batch][distributed.rank() :: world]
+                lr = lr_at(state["step"], total_steps, warmup_steps, profile.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss = ddp(data.train_images[idx])
+                value = loss.item()
+                if not math.isfinite(value):
+                    where = f"epoch {epoch + 1}, step {i + 1} (global step {state['step'] + 1})"
+                    kept = (
+                        f"the last good checkpoint {last_good} is intact"
+                        if last_good
+                        else "no epoch had finished, so there is no checkpoint"
+                    )
+                    raise NonFiniteLossError(f"the {method} loss became {value} at {where}; training stopped "
+                                             f"before the update and {kept}. Lower the learning rate or "
+                                             "check the inputs, then resume.")  # fmt: skip
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                model.on_step_end(state["step"], total_steps)
+                state["step"] += 1
+                loss_sum += value
+                bar.set_postfix(
+                    loss=f"{value:.3f}", img_s=f"{(i + 1) * batch / (time.perf_counter() - t0):.0f}"
                 )
-                raise NonFiniteLossError(f"the {method} loss became {value} at {where}; training stopped "
-                                         f"before the update and {kept}. Lower the learning rate or "
-                                         "check the inputs, then resume.")  # fmt: skip
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            model.on_step_end(state["step"], total_steps)
-            state["step"] += 1
-            loss_sum += value
-            bar.set_postfix(loss=f"{value:.3f}", img_s=f"{(i + 1) * batch / (time.perf_counter() - t0):.0f}")
-        bar.close()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        state["train_seconds"] += seconds
-        state["epoch"] = epoch + 1
-        row = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr": lr, "seconds": seconds,
-               "images_per_second": steps_per_epoch * batch / seconds}  # fmt: skip
-        if (epoch + 1) % profile.knn_every == 0 or epoch + 1 == profile.epochs:
-            row["knn_top1"] = _knn(backbone, data, profile)
-        state["metrics"].append(row)
-        if is_main:
-            knn = f"  kNN {100 * row['knn_top1']:.1f}%" if "knn_top1" in row else ""
-            log(f"epoch {epoch + 1}/{profile.epochs}  loss {row['loss']:.4f}  lr {lr:.3f}  "
-                f"{row['images_per_second']:.0f} img/s{knn}")  # fmt: skip
-            if out is not None:
-                last_good = _save_checkpoint(out, model, optimizer, state, method, profile, seed, device)
-                _write_metrics(out / "metrics.jsonl", state["metrics"])
+            bar.close()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - t0
+            state["train_seconds"] += seconds
+            state["epoch"] = epoch + 1
+            row = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr": lr, "seconds": seconds,
+                   "images_per_second": steps_per_epoch * batch / seconds}  # fmt: skip
+            if (epoch + 1) % profile.knn_every == 0 or epoch + 1 == profile.epochs:
+                row["knn_top1"] = _knn(backbone, data, profile)
+            state["metrics"].append(row)
+            if is_main:
+                knn = f"  kNN {100 * row['knn_top1']:.1f}%" if "knn_top1" in row else ""
+                log(f"epoch {epoch + 1}/{profile.epochs}  loss {row['loss']:.4f}  lr {lr:.3f}  "
+                    f"{row['images_per_second']:.0f} img/s{knn}")  # fmt: skip
+                if out is not None:
+                    last_good = _save_checkpoint(out, model, optimizer, state, method, profile, seed, device)
+                    _write_metrics(out / "metrics.jsonl", state["metrics"])
+    except KeyboardInterrupt:
+        if is_main and out is not None:
+            where = f"the checkpoint {last_good}" if last_good else "no checkpoint yet (no epoch finished)"
+            log(
+                f"interrupted during epoch {state['epoch'] + 1}; {where} holds the run: call train(..., "
+                "resume=True) or pass --resume to continue it"
+            )
+        raise
 
     final = evaluate_backbone(backbone, data, profile.eval_batch_size, linear=linear_probe)
     summary = {
@@ -303,3 +316,21 @@ def _save_checkpoint(out, model, optimizer, state, method, profile, seed, device
     for old in checkpoint_paths(out)[CHECKPOINTS_KEPT:]:
         old.unlink()
     return path
+
+
+def evaluate_checkpoint(out_dir: str | os.PathLike, data: ImageDataset | None = None,
+                        linear_probe: bool = True) -> dict:  # fmt: skip
+    """Re-evaluate the newest readable checkpoint of a run with the common protocol."""
+    ckpt, path = load_checkpoint(Path(out_dir), "cpu")
+    profile = Profile(**ckpt["profile_fields"])
+    device = torch.device(profile.device)
+    data = data if data is not None else load_cifar10()
+    if profile.train_size or profile.test_size:
+        data = data.subset(profile.train_size, profile.test_size, seed=0)
+    data = data.to(device)
+    backbone = build_backbone(profile.backbone, in_channels=data.train_images.shape[1])
+    model = build_method(ckpt["method"], backbone).to(device)
+    model.load_state_dict(ckpt["model"])
+    result = evaluate_backbone(backbone, data, profile.eval_batch_size, linear=linear_probe)
+    return {"checkpoint": str(path), "method": ckpt["method"], "profile": profile.name,
+            "epoch": ckpt["epoch"], **result}  # fmt: skip

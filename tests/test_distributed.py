@@ -59,3 +59,29 @@ def test_helpers_are_the_identity_without_a_process_group():
     assert distributed.world_size() == 1 and distributed.rank() == 0
     assert distributed.gather_with_grad(x) is x
     assert distributed.setup() is None  # not launched by torchrun
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_gloo_ranks_trains_and_only_rank_zero_writes(tmp_path):
+    """The training loop's DDP branch end to end: two CPU processes share each global batch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from contrastive.data import CIFAR10_FOLDER, data_root
+
+    if not (data_root() / CIFAR10_FOLDER).is_dir():
+        pytest.skip("CIFAR-10 is not in $CONTRASTIVE_DATA")
+    out = tmp_path / "ddp"
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "contrastive", "train", "--method", "simclr", "--profile", "smoke", "--epochs", "1",
+           "--no-linear", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "CONTRASTIVE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs"] == 1
+    assert 0 < summary["knn_top1"] <= 1
+    assert done.stdout.count("epoch 1/1") == 1  # one rank reports, not both

@@ -223,6 +223,8 @@ def train(
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(
                 device
             )
+            if world > 1:  # each rank draws its own views; seeded per epoch, so a resume stays exact
+                torch.manual_seed((seed * 100003 + epoch) * 1009 + distributed.rank())
             model.train()
             t0, loss_sum = time.perf_counter(), 0.0
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{profile.epochs}", leave=False,

@@ -102,9 +102,9 @@ def test_a_nan_loss_stops_with_the_step_named_and_the_last_checkpoint_intact(
 ):
     real_forward, calls = SimCLR.forward, []
 
-    def nan_in_epoch_two(self, images):
+    def nan_in_epoch_two(self, images, indices=None):
         calls.append(1)
-        loss = real_forward(self, images)
+        loss = real_forward(self, images, indices)
         return loss * float("nan") if len(calls) == 6 else loss
 
     monkeypatch.setattr(SimCLR, "forward", nan_in_epoch_two)

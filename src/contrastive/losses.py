@@ -54,3 +54,35 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     logits = logits.masked_fill(self_mask, float("-inf"))
     targets = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
     return F.cross_entropy(logits.float(), targets)
+
+
+def nce_loss(
+    positive_sim: torch.Tensor,
+    noise_sim: torch.Tensor,
+    temperature: float,
+    normaliser: float | torch.Tensor,
+    num_data: int,
+) -> torch.Tensor:
+    """InstDisc's NCE loss: -log h(i, v) - sum_j log(1 - h(j, v)), mean over the batch (InstDisc chapter).
+
+    P(i|v) = exp(s_i / tau) / Z and h = P / (P + m / n): the posterior that a
+    sample came from the data rather than from the uniform noise p_n = 1/n,
+    with m noise samples per data sample. positive_sim (B,) holds each
+    anchor's similarity to its own memory entry, noise_sim (B, m) the
+    similarities to m noise entries; Z is the (Monte Carlo) normaliser.
+    Computed in log space, so tiny probabilities do not underflow.
+    """
+    _check_temperature(temperature)
+    if positive_sim.dim() != 1 or noise_sim.dim() != 2 or len(positive_sim) != len(noise_sim):
+        raise ValueError(
+            f"positive_sim must be (B,) and noise_sim (B, m); got {tuple(positive_sim.shape)} "
+            f"and {tuple(noise_sim.shape)}"
+        )
+    m = noise_sim.shape[1]
+    log_z = torch.log(torch.as_tensor(normaliser, dtype=positive_sim.dtype, device=positive_sim.device))
+    log_noise = torch.log(torch.tensor(m / num_data, dtype=positive_sim.dtype, device=positive_sim.device))
+    log_p_pos = positive_sim / temperature - log_z
+    log_p_noise = noise_sim / temperature - log_z
+    log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, log_noise)
+    log_one_minus_h_noise = log_noise - torch.logaddexp(log_p_noise, log_noise)
+    return -(log_h_pos + log_one_minus_h_noise.sum(1)).mean()

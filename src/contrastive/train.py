@@ -174,7 +174,7 @@ def train(
 
     torch.manual_seed(seed)
     backbone = build_backbone(profile.backbone, in_channels=data.train_images.shape[1])
-    model = build_method(method, backbone, **(method_options or {})).to(device)
+    model = build_method(method, backbone, len(data.train_images), **(method_options or {})).to(device)
     # channels_last speeds convolutions up on both CPUs (oneDNN) and GPUs (tensor cores).
     model = model.to(memory_format=torch.channels_last)
     use_amp = profile.amp and device.type == "cuda"
@@ -235,7 +235,7 @@ def train(
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = ddp(data.train_images[idx])
+                    loss = ddp(data.train_images[idx], idx)
                 value = loss.item()
                 if not math.isfinite(value):
                     where = f"epoch {epoch + 1}, step {i + 1} (global step {state['step'] + 1})"
@@ -271,6 +271,8 @@ def train(
                 row["knn_top1"] = evaluate_backbone(backbone, data, profile.eval_batch_size, linear=False)[
                     "knn_top1"
                 ]
+            if hasattr(model, "epoch_metrics"):
+                row.update(model.epoch_metrics())
             state["metrics"].append(row)
             if is_main:
                 knn = f"  kNN {100 * row['knn_top1']:.1f}%" if "knn_top1" in row else ""
@@ -332,7 +334,7 @@ def evaluate_checkpoint(out_dir: str | os.PathLike, data: ImageDataset | None = 
         data = data.subset(profile.train_size, profile.test_size, seed=0)
     data = data.to(device)
     backbone = build_backbone(profile.backbone, in_channels=data.train_images.shape[1])
-    model = build_method(ckpt["method"], backbone).to(device)
+    model = build_method(ckpt["method"], backbone, len(data.train_images)).to(device)
     model.load_state_dict(ckpt["model"])
     result = evaluate_backbone(backbone, data, profile.eval_batch_size, linear=linear_probe)
     return {"checkpoint": str(path), "method": ckpt["method"], "profile": profile.name,

@@ -1,21 +1,32 @@
-"""One file per method. Each is an `nn.Module` whose `forward(images)` is its
-training step: it receives a uint8 batch on the device, draws its own views,
-and returns the loss. Per-step state updates (momentum encoders, queues,
-centers) go in `on_step_end`."""
+"""One file per method. Each is an `nn.Module` whose `forward(images, indices)`
+is its training step: it receives a uint8 batch on the device and the batch's
+dataset indices, draws its own views, and returns the loss. `epoch_metrics()`,
+when a method has it, adds method-specific numbers to each epoch's metrics.
+Per-step state updates (momentum encoders, queues, centers) go in `on_step_end`."""
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
+from .instdisc import InstDisc
 from .simclr import SimCLR
 
 METHODS: dict[str, type[nn.Module]] = {
+    "instdisc": InstDisc,
     "simclr": SimCLR,
 }
 
 
-def build_method(name: str, backbone: nn.Module, **options) -> nn.Module:
-    """The method `name` around `backbone`; an unknown name is an error listing the valid ones."""
+def build_method(name: str, backbone: nn.Module, num_images: int, **options) -> nn.Module:
+    """The method `name` around `backbone`; an unknown name is an error listing the valid ones.
+
+    Methods that keep per-image state (a memory bank) receive the number of training images.
+    """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
-    return METHODS[name](backbone, **options)
+    cls = METHODS[name]
+    if "num_images" in inspect.signature(cls).parameters:
+        options["num_images"] = num_images
+    return cls(backbone, **options)

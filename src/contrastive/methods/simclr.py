@@ -31,8 +31,8 @@ class SimCLR(nn.Module):
         self.temperature = temperature
         self.recipe = recipe
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """The training step: images (N, C, H, W) uint8 -> NT-Xent loss."""
+    def forward(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The training step: images (N, C, H, W) uint8 -> NT-Xent loss (indices are not needed)."""
         x = torch.cat([augment(images, self.recipe), augment(images, self.recipe)])
         z = self.projector(self.backbone(x))
         z1, z2 = z.chunk(2)

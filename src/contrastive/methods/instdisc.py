@@ -1,0 +1,88 @@
+"""InstDisc (Wu et al. 2018): every image is its own class, scored against a memory bank with NCE.
+
+Chapter: InstDisc. Each image i keeps a unit vector v_i in a memory bank. A
+step embeds one augmented view per image, f = normalise(W h), scores it against
+its own entry v_i (the positive) and against m entries drawn uniformly (the
+noise), and minimises the NCE loss `contrastive.losses.nce_loss`. The
+normaliser Z is estimated once by Monte Carlo on the first batch and then held
+fixed, as in the paper. Afterwards the entries of the batch move towards the
+new features: v_i <- normalise(momentum * v_i + (1 - momentum) * f_i).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..augment import Recipe, augment
+from ..distributed import gather_with_grad
+from ..losses import nce_loss
+
+# The paper's CIFAR/ImageNet recipe: milder than SimCLR's (crops of at least 20%, jitter always on).
+INSTDISC_CIFAR = Recipe(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2)
+
+
+class InstDisc(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_images: int,
+        feature_dim: int = 128,
+        num_noise: int = 4096,
+        temperature: float = 0.07,
+        bank_momentum: float = 0.5,
+        proximal: float = 0.0,
+        recipe: Recipe = INSTDISC_CIFAR,
+    ):
+        super().__init__()
+        if not 0 < num_noise:
+            raise ValueError(f"num_noise must be positive, got {num_noise}")
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.out_dim, feature_dim)
+        self.num_noise, self.temperature = num_noise, temperature
+        self.bank_momentum, self.proximal, self.recipe = bank_momentum, proximal, recipe
+        self.register_buffer("bank", F.normalize(torch.randn(num_images, feature_dim), dim=1))
+        self.register_buffer("normaliser", torch.zeros(()))  # 0 until estimated on the first batch
+        self._estimates: list[float] = []
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.backbone(augment(images, self.recipe))), dim=1)
+
+    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The training step: images (B, C, H, W) uint8 and their dataset indices -> NCE loss."""
+        f = self.embed(images)
+        n = len(self.bank)
+        noise = torch.randint(0, n, (self.num_noise,), device=f.device)  # shared by the batch
+        positive_sim = (f * self.bank[indices]).sum(1)
+        noise_sim = f @ self.bank[noise].T
+        with torch.no_grad():
+            # Z = sum_j exp(v_j.f / tau) ~ n * mean over the noise samples (Monte Carlo).
+            estimate = n * (noise_sim.float() / self.temperature).exp().mean()
+            self._estimates.append(estimate.item())
+            if self.normaliser == 0:
+                self.normaliser.copy_(estimate)
+        loss = nce_loss(positive_sim.float(), noise_sim.float(), self.temperature, self.normaliser, n)
+        if self.proximal > 0:  # lambda ||v_i^(t) - v_i^(t-1)||^2 keeps an image's feature near its memory
+            loss = loss + self.proximal * (f - self.bank[indices]).pow(2).sum(1).mean()
+        self._update_bank(f.detach(), indices)
+        return loss
+
+    training_step = forward
+
+    @torch.no_grad()
+    def _update_bank(self, f: torch.Tensor, indices: torch.Tensor) -> None:
+        f, indices = gather_with_grad(f.float()), gather_with_grad(indices)
+        mixed = self.bank_momentum * self.bank[indices] + (1 - self.bank_momentum) * f
+        self.bank[indices] = F.normalize(mixed, dim=1)
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """The bank is updated inside the step, where the features are at hand."""
+
+    def epoch_metrics(self) -> dict:
+        """The fixed normaliser and the mean of this epoch's Monte Carlo estimates."""
+        estimates, self._estimates = self._estimates, []
+        out = {"normaliser": self.normaliser.item()}
+        if estimates:
+            out["normaliser_estimate"] = sum(estimates) / len(estimates)
+        return out

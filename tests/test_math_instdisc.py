@@ -1,0 +1,273 @@
+"""The InstDisc chapter's identities (Wu et al. 2018; NCE of Gutmann & Hyvarinen 2010), re-checked."""
+
+import random
+
+import sympy as sp
+import torch
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Non-parametric softmax over a memory bank
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_nonparametric_softmax_gradient_is_expected_memory_minus_positive_over_tau_symbolically():
+    n, d = 3, 2
+    tau = sp.Symbol("tau", positive=True)
+    v = sp.Matrix(sp.symbols(f"v1:{d + 1}", real=True))
+    mem = [sp.Matrix(sp.symbols(f"m{j}_1:{d + 1}", real=True)) for j in range(1, n + 1)]
+    logits = [(mj.T * v)[0] / tau for mj in mem]
+    z = sum(sp.exp(s) for s in logits)
+    probs = [sp.exp(s) / z for s in logits]
+    expected_mem = sum((p * mj for p, mj in zip(probs, mem)), sp.zeros(d, 1))
+    for i in range(n):
+        loss = -sp.log(sp.exp(logits[i]) / z)
+        for c in range(d):
+            closed = (expected_mem[c] - mem[i][c]) / tau
+            assert sp.simplify(sp.diff(loss, v[c]) - closed) == 0
+    # a wrong formula is caught: dropping the 1/tau leaves a non-zero difference
+    loss = -sp.log(sp.exp(logits[0]) / z)
+    assert sp.simplify(sp.diff(loss, v[0]) - (expected_mem[0] - mem[0][0])) != 0
+
+
+def test_nonparametric_softmax_gradient_matches_autograd_in_float64():
+    gen = torch.Generator().manual_seed(0)
+    n, d, tau, i = 50, 16, 0.07, 7
+    mem = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(d, generator=gen, dtype=torch.float64), dim=0)
+    v.requires_grad_(True)
+    loss = -torch.log_softmax(mem @ v / tau, dim=0)[i]
+    (grad,) = torch.autograd.grad(loss, v)
+    with torch.no_grad():
+        p = torch.softmax(mem @ v / tau, dim=0)
+        closed = (p @ mem - mem[i]) / tau
+        assert torch.allclose(grad, closed, rtol=0, atol=1e-10)
+        # a wrong formula is caught: uniform weights instead of p(j|v)
+        uniform = (mem.mean(0) - mem[i]) / tau
+        assert not torch.allclose(grad, uniform, rtol=0, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2-3. NCE on a discrete model with K = 3 outcomes
+# ----------------------------------------------------------------------------------------------------------
+
+K = 3
+S = sp.symbols(f"s1:{K + 1}", real=True)
+PD = sp.symbols(f"d1:{K + 1}", positive=True)
+PN = sp.symbols(f"pn1:{K + 1}", positive=True)
+M = sp.Symbol("m", positive=True)
+
+
+def _softmax(s):
+    z = sum(sp.exp(si) for si in s)
+    return [sp.exp(si) / z for si in s]
+
+
+def _nce_loss(s):
+    p = _softmax(s)
+    h = [p[x] / (p[x] + M * PN[x]) for x in range(K)]
+    return -sum(PD[x] * sp.log(h[x]) for x in range(K)) - M * sum(PN[x] * sp.log(1 - h[x]) for x in range(K))
+
+
+def _nce_closed_form(s, k, weighted=True):
+    p = _softmax(s)
+    total = 0
+    for x in range(K):
+        weight = M * PN[x] / (p[x] + M * PN[x]) if weighted else 1
+        total += weight * (PD[x] - p[x]) * sp.diff(sp.log(p[x]), s[k])
+    return total
+
+
+def _random_point(rng):
+    point = {si: sp.Rational(rng.randint(-6, 6), rng.randint(1, 4)) for si in S}
+    point.update({di: sp.Rational(rng.randint(1, 9), rng.randint(1, 9)) for di in PD + PN})
+    point[M] = sp.Rational(rng.randint(1, 20), rng.randint(1, 3))
+    return point
+
+
+def test_nce_gradient_is_weighted_data_minus_model_times_score_symbolically():
+    # the exp(s_i) are replaced by positive symbols E_i after differentiating, which keeps simplify fast
+    E = sp.symbols(f"E1:{K + 1}", positive=True)
+    to_e = {sp.exp(si): ei for si, ei in zip(S, E)}
+    loss = _nce_loss(S)
+    for k in range(K):
+        diff = (-sp.diff(loss, S[k]) - _nce_closed_form(S, k)).subs(to_e)
+        assert diff.free_symbols.isdisjoint(S)
+        assert sp.simplify(sp.together(diff)) == 0
+
+
+def test_nce_gradient_closed_form_holds_at_random_rational_points_for_every_k():
+    rng = random.Random(0)
+    loss = _nce_loss(S)
+    for k in range(K):
+        diff = -sp.diff(loss, S[k]) - _nce_closed_form(S, k)
+        # exp(s) at rational s is not rational: keep exp symbolic in E and evaluate exactly
+        E = sp.symbols(f"E1:{K + 1}", positive=True)
+        diff_e = sp.together(diff.subs({sp.exp(si): ei for si, ei in zip(S, E)}))
+        assert diff_e.free_symbols.isdisjoint(S)
+        for _ in range(4):
+            point = _random_point(rng)
+            point.update({ei: sp.Rational(rng.randint(1, 30), rng.randint(1, 7)) for ei in E})
+            assert diff_e.subs(point) == 0
+
+
+def test_nce_gradient_without_the_posterior_weight_is_rejected():
+    E = sp.symbols(f"E1:{K + 1}", positive=True)
+    to_e = {sp.exp(si): ei for si, ei in zip(S, E)}
+    point = {
+        E[0]: 2, E[1]: 5, E[2]: sp.Rational(1, 3),
+        PD[0]: sp.Rational(1, 2), PD[1]: sp.Rational(1, 3), PD[2]: sp.Rational(1, 6),
+        PN[0]: sp.Rational(1, 3), PN[1]: sp.Rational(1, 3), PN[2]: sp.Rational(1, 3),
+        M: 4,
+    }  # fmt: skip
+    for k in range(K):
+        grad = (-sp.diff(_nce_loss(S), S[k])).subs(to_e).subs(point)
+        weighted = _nce_closed_form(S, k).subs(to_e).subs(point)
+        unweighted = _nce_closed_form(S, k, weighted=False).subs(to_e).subs(point)
+        assert sp.simplify(grad - weighted) == 0
+        assert sp.simplify(grad - unweighted) != 0
+
+
+def test_nce_weight_tends_to_one_as_the_noise_ratio_grows():
+    p_theta, p_n = sp.symbols("p_theta p_n", positive=True)
+    weight = M * p_n / (p_theta + M * p_n)
+    assert sp.limit(weight, M, sp.oo) == 1
+    # a wrong weight, p_theta / (p_theta + m p_n), goes to 0 instead
+    assert sp.limit(p_theta / (p_theta + M * p_n), M, sp.oo) == 0
+
+
+def test_nce_gradient_tends_to_the_log_likelihood_gradient_as_m_grows():
+    p = _softmax(S)
+    loglik = sum(PD[x] * sp.log(p[x]) for x in range(K))
+    for k in range(K):
+        total = 0
+        for x in range(K):
+            # limit of each weight taken separately, with p_theta(x) held as a positive symbol
+            pt = sp.Symbol("pt", positive=True)
+            w_inf = sp.limit(M * PN[x] / (pt + M * PN[x]), M, sp.oo)
+            total += w_inf * (PD[x] - p[x]) * sp.diff(sp.log(p[x]), S[k])
+        ml_grad = sp.diff(loglik, S[k])
+        assert sp.simplify(total - ml_grad) == 0
+        assert sp.simplify(ml_grad - (PD[k] - p[k] * sum(PD))) == 0
+        # when the data distribution sums to one it is just p_d(k) - p_theta(k)
+        normalised = ml_grad.subs(PD[K - 1], 1 - sum(PD[: K - 1]))
+        assert sp.simplify(normalised - (PD[k] - p[k]).subs(PD[K - 1], 1 - sum(PD[: K - 1]))) == 0
+    # a wrong limit is caught: the m -> oo gradient is not p_d(k) alone
+    assert sp.simplify(sp.diff(loglik, S[0]) - PD[0]) != 0
+
+
+def test_nce_gradient_limit_of_the_full_expression_for_one_k():
+    # sympy's limit on the whole closed form, with the exp(s_i) as positive symbols E_i
+    E = sp.symbols(f"E1:{K + 1}", positive=True)
+    to_e = {sp.exp(si): ei for si, ei in zip(S, E)}
+    closed = sp.together(_nce_closed_form(S, 0).subs(to_e))
+    z = sum(E)
+    ml = PD[0] - E[0] / z * sum(PD)
+    assert sp.simplify(sp.limit(closed, M, sp.oo) - ml) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. NCE versus maximum likelihood on a large softmax
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _large_softmax_problem():
+    gen = torch.Generator().manual_seed(0)
+    n = 1000
+    logits = torch.randn(n, generator=gen, dtype=torch.float64)
+    p_d = torch.softmax(torch.randn(n, generator=gen, dtype=torch.float64), dim=0)
+    p_n = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    return logits, p_d, p_n
+
+
+def _nce_grad_closed(logits, p_d, p_n, m):
+    """-dJ/ds = sum_x w_x (p_d - p)(x) (e_x - p): w_k (p_d - p)_k - p_k sum_x w_x (p_d - p)_x."""
+    p = torch.softmax(logits, dim=0)
+    w = m * p_n / (p + m * p_n)
+    r = w * (p_d - p)
+    return r - p * r.sum()
+
+
+def _nce_loss_torch(logits, p_d, p_n, m):
+    log_p = torch.log_softmax(logits, dim=0)
+    log_denominator = torch.logaddexp(log_p, torch.log(m * p_n))
+    log_h = log_p - log_denominator
+    log_one_minus_h = torch.log(m * p_n) - log_denominator
+    return -(p_d * log_h).sum() - m * (p_n * log_one_minus_h).sum()
+
+
+def _relative_gap(m):
+    logits, p_d, p_n = _large_softmax_problem()
+    g_ml = p_d - torch.softmax(logits, dim=0)
+    g_nce = _nce_grad_closed(logits, p_d, p_n, m)
+    return ((g_nce - g_ml).norm() / g_ml.norm()).item()
+
+
+def test_nce_gradient_gap_to_maximum_likelihood_shrinks_monotonically_with_m():
+    ms = (1, 4, 16, 64, 256, 1024, 4096)
+    gaps = [_relative_gap(m) for m in ms]
+    assert all(b < a for a, b in zip(gaps, gaps[1:])), gaps
+    assert gaps[-1] < 0.05
+    assert gaps[0] > 0.1  # with one noise sample per datum the gradients are far apart
+
+
+def test_nce_gradient_gap_decays_like_one_over_m():
+    scaled_1024 = _relative_gap(1024) * 1024
+    scaled_4096 = _relative_gap(4096) * 4096
+    assert abs(scaled_4096 / scaled_1024 - 1) < 0.10
+    # a 1/sqrt(m) rate would predict a ratio of 2 between the unscaled gaps; the observed one is near 4
+    assert abs(_relative_gap(1024) / _relative_gap(4096) - 2) > 1
+
+
+def test_nce_closed_form_gradient_matches_autograd_of_the_nce_loss():
+    logits, p_d, p_n = _large_softmax_problem()
+    m = 16.0
+    s = logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(_nce_loss_torch(s, p_d, p_n, m), s)
+    closed = _nce_grad_closed(logits, p_d, p_n, m)
+    assert torch.allclose(-grad, closed, rtol=0, atol=1e-10)
+    # a wrong formula is caught: the unweighted p_d - p differs at this m
+    assert not torch.allclose(-grad, p_d - torch.softmax(logits, dim=0), rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Monte Carlo estimate of the memory-bank normaliser
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _normaliser_problem():
+    gen = torch.Generator().manual_seed(0)
+    n, d, tau = 2000, 32, 0.5
+    mem = torch.nn.functional.normalize(torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    v = torch.nn.functional.normalize(torch.randn(d, generator=gen, dtype=torch.float64), dim=0)
+    terms = torch.exp(mem @ v / tau)
+    return terms, gen
+
+
+def _estimates(terms, gen, m, trials, scale=None):
+    n = terms.numel()
+    idx = torch.randint(0, n, (trials, m), generator=gen)
+    scale = n / m if scale is None else scale
+    return scale * terms[idx].sum(dim=1)
+
+
+def test_monte_carlo_normaliser_is_unbiased():
+    terms, gen = _normaliser_problem()
+    z = terms.sum().item()
+    est = _estimates(terms, gen, m=64, trials=2000)
+    se = est.std().item() / 2000**0.5
+    assert abs(est.mean().item() - z) < 3 * se
+    # a wrong scale, n / (m - 1), is biased by 1/63 and lies many standard errors away
+    wrong = _estimates(terms, gen, m=64, trials=2000, scale=2000 / 63)
+    wrong_se = wrong.std().item() / 2000**0.5
+    assert abs(wrong.mean().item() - z) > 3 * wrong_se
+
+
+def test_monte_carlo_normaliser_spread_shrinks_like_one_over_sqrt_m():
+    terms, gen = _normaliser_problem()
+    z = terms.sum().item()
+    rel_std_16 = _estimates(terms, gen, m=16, trials=2000).std().item() / z
+    rel_std_256 = _estimates(terms, gen, m=256, trials=2000).std().item() / z
+    ratio = rel_std_16 / rel_std_256
+    assert 3 <= ratio <= 5.5, ratio
+    # the observed ratio is much closer to sqrt(16) = 4 than to the 16 a 1/m rate would give
+    assert abs(ratio - 4) < abs(ratio - 16)

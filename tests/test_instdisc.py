@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from contrastive.augment import eval_transform
 from contrastive.losses import nce_loss
 from contrastive.methods import build_method
 from contrastive.models import build_backbone
@@ -90,3 +91,18 @@ def test_instdisc_runs_through_the_training_loop_and_reports_its_normaliser(tiny
     run = train("instdisc", tiny_profile, method_options={"num_noise": 64}, **quiet)
     assert all(m["normaliser"] > 0 and m["normaliser_estimate"] > 0 for m in run.metrics)
     assert run.method.bank.shape == (200, 128)
+
+
+def test_setup_fills_the_bank_with_the_untrained_encoders_centred_features():
+    torch.manual_seed(0)
+    method = build_method("instdisc", build_backbone("convnet_small"), num_images=300, num_noise=16)
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
+    random_bank = method.bank.clone()
+    method.setup(images, batch_size=100)
+    assert not torch.allclose(method.bank, random_bank)
+    assert torch.allclose(method.bank.norm(dim=1), torch.ones(300), atol=1e-5)
+    sims = method.bank @ method.bank.T
+    mean_cos = (sims.sum() - sims.trace()) / (300 * 299)
+    assert abs(mean_cos) < 0.05  # BatchNorm in the head centres the embeddings
+    f = F.normalize(method.head(method.backbone(eval_transform(images[:100]))), dim=1)
+    assert torch.allclose(method.bank[:100], f, atol=1e-5)  # the same features, first chunk

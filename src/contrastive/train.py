@@ -178,7 +178,8 @@ def train(
     # channels_last speeds convolutions up on both CPUs (oneDNN) and GPUs (tensor cores).
     model = model.to(memory_format=torch.channels_last)
     use_amp = profile.amp and device.type == "cuda"
-    optimizer = torch.optim.SGD(model.parameters(), lr=profile.lr, momentum=0.9,
+    peak_lr = profile.lr * getattr(model, "lr_scale", 1.0)  # profiles' rates are SimCLR's
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9,
                                 weight_decay=profile.weight_decay)  # fmt: skip
 
     state = {"epoch": 0, "step": 0, "metrics": [], "random_init": None, "train_seconds": 0.0}
@@ -200,6 +201,8 @@ def train(
         # The baseline: the same architecture, same seed, before any training.
         state["random_init"] = evaluate_backbone(backbone, data, profile.eval_batch_size,
                                                  linear=linear_probe)  # fmt: skip
+        if hasattr(model, "setup"):  # per-image state (a memory bank) built from the untrained encoder
+            model.setup(data.train_images, profile.eval_batch_size)
 
     ddp = model
     if world > 1:
@@ -231,7 +234,7 @@ def train(
                        disable=not (is_main and _progress_enabled(progress)), dynamic_ncols=True)  # fmt: skip
             for i in bar:
                 idx = order[i * batch : (i + 1) * batch][distributed.rank() :: world]
-                lr = lr_at(state["step"], total_steps, warmup_steps, profile.lr)
+                lr = lr_at(state["step"], total_steps, warmup_steps, peak_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -297,7 +300,7 @@ def train(
         "knn_top1": final["knn_top1"], "knn_top1_random_init": state["random_init"]["knn_top1"],
         "linear_top1": final.get("linear_top1"),
         "linear_top1_random_init": state["random_init"].get("linear_top1"),
-        "train_images": n, "test_images": len(data.test_images), "batch_size": batch,
+        "train_images": n, "test_images": len(data.test_images), "batch_size": batch, "lr": peak_lr,
         "seconds": time.perf_counter() - started, "train_seconds": state["train_seconds"],
         "images_per_second": state["step"] * batch / max(state["train_seconds"], 1e-9),
         "device": device_description(device), "world_size": world, "torch": torch.__version__,

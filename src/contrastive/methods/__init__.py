@@ -1,7 +1,9 @@
 """One file per method. Each is an `nn.Module` whose `forward(images, indices)`
 is its training step: it receives a uint8 batch on the device and the batch's
 dataset indices, draws its own views, and returns the loss. `epoch_metrics()`,
-when a method has it, adds method-specific numbers to each epoch's metrics.
+when a method has it, adds method-specific numbers to each epoch's metrics;
+`setup(train_images)`, when present, builds per-image state before training;
+`lr_scale` scales the profile's learning rate (which is tuned for SimCLR).
 Per-step state updates (momentum encoders, queues, centers) go in `on_step_end`."""
 
 from __future__ import annotations

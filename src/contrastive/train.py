@@ -129,6 +129,14 @@ def _progress_enabled(progress: bool | None) -> bool:
     return os.environ.get("CONTRASTIVE_PROGRESS", "1") != "0"
 
 
+def profile_data(profile: Profile, data: ImageDataset | None, device) -> ImageDataset:
+    """The profile's share of the data (CIFAR-10 unless given), moved to the device once."""
+    data = data if data is not None else load_cifar10()
+    if profile.train_size or profile.test_size:
+        data = data.subset(profile.train_size, profile.test_size, seed=0)
+    return data.to(device)
+
+
 def train(
     method: str = "simclr",
     profile: str | Profile | None = None,
@@ -165,10 +173,7 @@ def train(
     elif resume:
         raise ValueError("resume=True needs the out_dir of the run to continue")
 
-    data = data if data is not None else load_cifar10()
-    if profile.train_size or profile.test_size:
-        data = data.subset(profile.train_size, profile.test_size, seed=0)
-    data = data.to(device)
+    data = profile_data(profile, data, device)
     if is_main:
         log(banner(profile, data.source))
 
@@ -332,10 +337,7 @@ def evaluate_checkpoint(out_dir: str | os.PathLike, data: ImageDataset | None = 
     ckpt, path = load_checkpoint(Path(out_dir), "cpu")
     profile = Profile(**ckpt["profile_fields"])
     device = torch.device(profile.device)
-    data = data if data is not None else load_cifar10()
-    if profile.train_size or profile.test_size:
-        data = data.subset(profile.train_size, profile.test_size, seed=0)
-    data = data.to(device)
+    data = profile_data(profile, data, device)
     backbone = build_backbone(profile.backbone, in_channels=data.train_images.shape[1])
     model = build_method(ckpt["method"], backbone, len(data.train_images)).to(device)
     model.load_state_dict(ckpt["model"])

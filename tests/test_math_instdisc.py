@@ -271,3 +271,16 @@ def test_monte_carlo_normaliser_spread_shrinks_like_one_over_sqrt_m():
     assert 3 <= ratio <= 5.5, ratio
     # the observed ratio is much closer to sqrt(16) = 4 than to the 16 a 1/m rate would give
     assert abs(ratio - 4) < abs(ratio - 16)
+
+
+def test_nce_limit_for_an_unnormalised_model_is_the_gradient_of_loglik_minus_total_mass():
+    s = sp.symbols("s1:4", real=True)
+    d = sp.symbols("d1:4", positive=True)
+    r = [sp.exp(si) for si in s]
+    for k in range(3):
+        limit = sum((d[x] - r[x]) * sp.diff(sp.log(r[x]), s[k]) for x in range(3))
+        target = sp.diff(sum(d[x] * sp.log(r[x]) for x in range(3)) - sum(r), s[k])
+        assert sp.simplify(limit - target) == 0
+        # without the total-mass term the identity fails: the model's scale would be free
+        wrong = sp.diff(sum(d[x] * sp.log(r[x]) for x in range(3)), s[k])
+        assert sp.simplify(limit - wrong) != 0

@@ -86,3 +86,55 @@ def test_smooth_max_gradient_is_the_softmax():
     s = torch.randn(6, dtype=torch.float64, requires_grad=True)
     losses.smooth_max(s, 0.3).backward()
     assert torch.allclose(s.grad, torch.softmax(s.detach() / 0.3, 0))
+
+
+def info_nce_reference(q, k_pos, negatives, temperature):
+    total = 0.0
+    for i in range(len(q)):
+        scores = torch.cat([(q[i] @ k_pos[i]).view(1), negatives @ q[i]]) / temperature
+        total = total - (scores[0] - torch.logsumexp(scores, 0))
+    return total / len(q)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 6), k=st.integers(1, 9), d=st.integers(1, 8), temperature=st.floats(0.05, 2.0),
+       seed=st.integers(0, 999))  # fmt: skip
+def test_info_nce_equals_the_query_by_query_definition(n, k, d, temperature, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, pos, neg = (
+        torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in ((n, d), (n, d), (k, d))
+    )
+    expected = info_nce_reference(q, pos, neg, temperature)
+    assert torch.allclose(losses.info_nce(q, pos, neg, temperature).double(), expected, atol=1e-5)
+
+
+def test_info_nce_gradient_with_respect_to_the_query_is_expected_key_minus_positive_over_tau():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    pos, neg = (
+        torch.randn(3, 5, generator=gen, dtype=torch.float64),
+        torch.randn(7, 5, generator=gen, dtype=torch.float64),
+    )
+    losses.info_nce(q, pos, neg, 0.2).backward()
+    with torch.no_grad():
+        for i in range(3):
+            keys = torch.cat([pos[i : i + 1], neg])
+            p = torch.softmax(keys @ q[i] / 0.2, 0)
+            assert torch.allclose(q.grad[i], (p @ keys - pos[i]) / 0.2 / 3)
+
+
+def test_info_nce_never_exceeds_log_of_the_number_of_candidates_when_the_positive_wins():
+    """With the positive scoring highest, the loss is at most log(K + 1)."""
+    q = torch.eye(4)
+    neg = torch.zeros(9, 4)
+    assert losses.info_nce(q, q, neg, 1.0).item() <= torch.log(torch.tensor(10.0)).item()
+    assert losses.info_nce(q, torch.zeros(4, 4), neg, 1.0).item() == pytest.approx(
+        float(torch.log(torch.tensor(10.0)))
+    )
+
+
+def test_info_nce_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        losses.info_nce(torch.randn(4, 3), torch.randn(5, 3), torch.randn(2, 3), 0.1)
+    with pytest.raises(ValueError, match=r"negatives must be"):
+        losses.info_nce(torch.randn(4, 3), torch.randn(4, 3), torch.randn(2, 5), 0.1)

@@ -86,3 +86,25 @@ def nce_loss(
     log_h_pos = log_p_pos - torch.logaddexp(log_p_pos, log_noise)
     log_one_minus_h_noise = log_noise - torch.logaddexp(log_p_noise, log_noise)
     return -(log_h_pos + log_one_minus_h_noise.sum(1)).mean()
+
+
+def info_nce(
+    query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """InfoNCE: -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_j exp(q.k_j/tau)), mean over N (CPC, MoCo chapters).
+
+    query, positive: (N, D), row i of each forming a positive pair; negatives:
+    (K, D) shared by the whole batch (a queue, a memory, other samples). The
+    scores are plain dot products: callers that compare directions (MoCo)
+    normalise first, callers with a learned critic (CPC) pass its outputs.
+    """
+    _check_temperature(temperature)
+    if query.shape != positive.shape or query.dim() != 2:
+        raise ValueError(
+            f"query and positive must both be (N, D); got {tuple(query.shape)} and {tuple(positive.shape)}"
+        )
+    if negatives.dim() != 2 or negatives.shape[1] != query.shape[1]:
+        raise ValueError(f"negatives must be (K, {query.shape[1]}); got {tuple(negatives.shape)}")
+    positive_logit = (query * positive).sum(1, keepdim=True)
+    logits = torch.cat([positive_logit, query @ negatives.T], dim=1) / temperature
+    return F.cross_entropy(logits.float(), torch.zeros(len(query), dtype=torch.long, device=query.device))

@@ -183,6 +183,7 @@ def train(
     # channels_last speeds convolutions up on both CPUs (oneDNN) and GPUs (tensor cores).
     model = model.to(memory_format=torch.channels_last)
     use_amp = profile.amp and device.type == "cuda"
+    encoder = getattr(model, "encoder", backbone)  # what evaluation reads (CPC: pooled patch features)
     peak_lr = profile.lr * getattr(model, "lr_scale", 1.0)  # profiles' rates are SimCLR's
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9,
                                 weight_decay=profile.weight_decay)  # fmt: skip
@@ -204,7 +205,7 @@ def train(
             log(f"resumed from {last_good} (epoch {state['epoch']} of {profile.epochs})")
     if state["random_init"] is None:
         # The baseline: the same architecture, same seed, before any training.
-        state["random_init"] = evaluate_backbone(backbone, data, profile.eval_batch_size,
+        state["random_init"] = evaluate_backbone(encoder, data, profile.eval_batch_size,
                                                  linear=linear_probe)  # fmt: skip
         if hasattr(model, "setup"):  # per-image state (a memory bank) built from the untrained encoder
             model.setup(data.train_images, profile.eval_batch_size)
@@ -273,10 +274,10 @@ def train(
             row = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr": lr, "seconds": seconds,
                    "images_per_second": steps_per_epoch * batch / seconds}  # fmt: skip
             if epoch + 1 == profile.epochs:  # the protocol reads the final epoch, never the best one
-                final = evaluate_backbone(backbone, data, profile.eval_batch_size, linear=linear_probe)
+                final = evaluate_backbone(encoder, data, profile.eval_batch_size, linear=linear_probe)
                 row["knn_top1"] = final["knn_top1"]
             elif (epoch + 1) % profile.knn_every == 0:
-                row["knn_top1"] = evaluate_backbone(backbone, data, profile.eval_batch_size, linear=False)[
+                row["knn_top1"] = evaluate_backbone(encoder, data, profile.eval_batch_size, linear=False)[
                     "knn_top1"
                 ]
             if hasattr(model, "epoch_metrics"):
@@ -299,7 +300,7 @@ def train(
         raise
 
     if final is None:  # a finished run was resumed: nothing left to train
-        final = evaluate_backbone(backbone, data, profile.eval_batch_size, linear=linear_probe)
+        final = evaluate_backbone(encoder, data, profile.eval_batch_size, linear=linear_probe)
     summary = {
         "method": method, "profile": profile.name, "epochs": profile.epochs, "seed": seed,
         "knn_top1": final["knn_top1"], "knn_top1_random_init": state["random_init"]["knn_top1"],
@@ -341,6 +342,7 @@ def evaluate_checkpoint(out_dir: str | os.PathLike, data: ImageDataset | None = 
     backbone = build_backbone(profile.backbone, in_channels=data.train_images.shape[1])
     model = build_method(ckpt["method"], backbone, len(data.train_images)).to(device)
     model.load_state_dict(ckpt["model"])
-    result = evaluate_backbone(backbone, data, profile.eval_batch_size, linear=linear_probe)
+    encoder = getattr(model, "encoder", backbone)
+    result = evaluate_backbone(encoder, data, profile.eval_batch_size, linear=linear_probe)
     return {"checkpoint": str(path), "method": ckpt["method"], "profile": profile.name,
             "epoch": ckpt["epoch"], **result}  # fmt: skip

@@ -1,0 +1,98 @@
+"""CPC (van den Oord et al. 2018) on images: predict the patches below from the patches above.
+
+Chapter: CPC. Each 32 x 32 image is cut into a 3 x 3 grid of overlapping
+16 x 16 patches (stride 8); the backbone encodes every patch to z; a GRU runs
+down each column of the grid, so the context c at row r has seen rows 0..r
+only; a linear map W_k predicts the patch k rows further down, and InfoNCE
+scores the prediction against the true patch and against patches of other
+positions and other images. Evaluation uses the mean of the patch features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..augment import Recipe, augment
+from ..losses import info_nce
+
+PATCH, STRIDE = 16, 8
+# Mild augmentation of the whole image: the task itself, predicting unseen patches, is the pretext.
+CPC_CIFAR = Recipe(scale=(0.5, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2)
+
+
+def patch_grid(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, 32, 32) -> (B, rows, cols, C, 16, 16) overlapping patches."""
+    b, c, _, _ = x.shape
+    patches = x.unfold(2, PATCH, STRIDE).unfold(3, PATCH, STRIDE)  # (B, C, rows, cols, P, P)
+    return patches.permute(0, 2, 3, 1, 4, 5).contiguous()
+
+
+class PatchEncoder(nn.Module):
+    """Images -> the mean of their patch features: the encoder the evaluation protocol reads."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.out_dim = backbone.out_dim
+
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        grid = patch_grid(x)
+        b, rows, cols = grid.shape[:3]
+        z = self.backbone(grid.flatten(0, 2))
+        return z.view(b, rows, cols, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_features(x).mean(dim=(1, 2))
+
+
+class CPC(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        max_offset: int = 2,
+        num_negatives: int = 1024,
+        temperature: float = 0.1,
+        recipe: Recipe = CPC_CIFAR,
+    ):
+        super().__init__()
+        self.encoder = PatchEncoder(backbone)
+        d = backbone.out_dim
+        self.context = nn.GRU(d, d, batch_first=True)
+        self.predictors = nn.ModuleList([nn.Linear(d, d, bias=False) for _ in range(max_offset)])
+        self.num_negatives, self.temperature, self.recipe = num_negatives, temperature, recipe
+        self._correct = torch.zeros(max_offset)
+        self._total = torch.zeros(max_offset)
+
+    def forward(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The training step: images (B, C, 32, 32) uint8 -> mean InfoNCE over prediction offsets."""
+        z = self.encoder.patch_features(augment(images, self.recipe))  # (B, rows, cols, D)
+        b, rows, cols, d = z.shape
+        columns = z.permute(0, 2, 1, 3).reshape(b * cols, rows, d)  # the GRU runs down each column
+        c = self.context(columns)[0].view(b, cols, rows, d).permute(0, 2, 1, 3)  # (B, rows, cols, D)
+        z = F.normalize(z, dim=-1)  # score directions: ReLU features have large, all-positive dot products
+        pool = z.reshape(-1, d)
+        negatives = pool[torch.randint(0, len(pool), (self.num_negatives,), device=z.device)]
+        loss = 0.0
+        for k, predictor in enumerate(self.predictors, start=1):
+            query = F.normalize(predictor(c[:, : rows - k].reshape(-1, d)), dim=1)
+            target = z[:, k:].reshape(-1, d)
+            loss = loss + info_nce(query, target, negatives, self.temperature)
+            with torch.no_grad():  # top-1: does the true patch outscore every negative?
+                pos = (query * target).sum(1)
+                self._correct[k - 1] += (pos > (query @ negatives.T).max(1).values).sum().item()
+                self._total[k - 1] += len(query)
+        return loss / len(self.predictors)
+
+    training_step = forward
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """CPC keeps no state beyond its weights."""
+
+    def epoch_metrics(self) -> dict:
+        """InfoNCE top-1 accuracy per prediction offset k over the epoch."""
+        accuracy = self._correct / self._total.clamp_min(1)
+        self._correct.zero_()
+        self._total.zero_()
+        return {f"cpc_accuracy_k{k}": a.item() for k, a in enumerate(accuracy, start=1)}

@@ -85,3 +85,18 @@ def test_info_nce_with_the_optimal_critic_equals_the_monte_carlo_loss():
     log_f = torch.cat([(query * feats(x_pos)).sum(1, keepdim=True), query @ feats(x_neg).T], dim=1)
     direct = -(log_f[:, 0] - torch.logsumexp(log_f, dim=1)).mean()
     assert torch.allclose(loss.double(), direct, atol=1e-6)
+
+
+def test_the_kl_term_of_the_proof_is_non_negative_and_vanishes_for_independent_views():
+    """E log (1/N) sum_j r(x_j, c) is a KL divergence: >= 0, and 0 when x and c are independent (r = 1)."""
+    gen = torch.Generator().manual_seed(3)
+    for rho in (0.0, 0.5, 0.9):
+        c = torch.randn(4000, generator=gen, dtype=torch.float64)
+        x_pos = rho * c + math.sqrt(1 - rho**2) * torch.randn(4000, generator=gen, dtype=torch.float64)
+        x = torch.cat([x_pos[:, None], torch.randn(4000, 15, generator=gen, dtype=torch.float64)], 1)
+        log_r = -0.5 * math.log(1 - rho**2) - (x - rho * c[:, None]) ** 2 / (2 * (1 - rho**2)) + x**2 / 2
+        kl = (torch.logsumexp(log_r, 1) - math.log(16)).mean().item()
+        if rho == 0.0:
+            assert abs(kl) < 1e-12
+        else:
+            assert kl > 0.0

@@ -183,6 +183,9 @@ def train(
     # channels_last speeds convolutions up on both CPUs (oneDNN) and GPUs (tensor cores).
     model = model.to(memory_format=torch.channels_last)
     use_amp = profile.amp and device.type == "cuda"
+    if epochs is None and getattr(model, "epoch_scale", 1.0) != 1.0:  # a costlier step gets fewer epochs
+        scaled = max(min(2, profile.epochs), round(profile.epochs * model.epoch_scale))  # two, to see a trend
+        profile = dataclasses.replace(profile, epochs=scaled)
     encoder = getattr(model, "encoder", backbone)  # what evaluation reads (CPC: pooled patch features)
     peak_lr = profile.lr * getattr(model, "lr_scale", 1.0)  # profiles' rates are SimCLR's
     optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9,

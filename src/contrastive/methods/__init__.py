@@ -3,7 +3,8 @@ is its training step: it receives a uint8 batch on the device and the batch's
 dataset indices, draws its own views, and returns the loss. `epoch_metrics()`,
 when a method has it, adds method-specific numbers to each epoch's metrics;
 `setup(train_images)`, when present, builds per-image state before training;
-`lr_scale` scales the profile's learning rate (which is tuned for SimCLR);
+`lr_scale` scales the profile's learning rate (which is tuned for SimCLR) and
+`epoch_scale` its number of epochs;
 `encoder`, when present, is what evaluation reads instead of the bare backbone.
 Per-step state updates (momentum encoders, queues, centers) go in `on_step_end`."""
 

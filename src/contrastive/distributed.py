@@ -48,17 +48,34 @@ def setup(timeout_s: float = 300.0) -> torch.device | None:
 
 
 def cleanup() -> None:
+    """Leave the process group; the barrier lets every rank finish its last collective first,
+    since tearing gloo down while a peer is still talking to it can abort the process."""
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums, over ranks, the gradients that reach each rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(grads)
+        dist.all_reduce(stacked)  # every rank computed the loss on the whole gathered batch
+        return stacked[dist.get_rank()]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate x from all ranks along dim 0, letting gradients flow back to each rank's own rows."""
     if not is_distributed():
         return x
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return torch.cat(_GatherWithGrad.apply(x), dim=0)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

@@ -387,3 +387,37 @@ def eval_transform(
 ) -> Tensor:
     """The deterministic transform for evaluation: convert to float and normalise."""
     return normalize(to_float(images), mean, std)
+
+
+# CIE Lab (D65 white), the colour space CMC splits into a lightness view L and a colour view ab.
+_RGB_TO_XYZ = (
+    (0.4124564, 0.3575761, 0.1804375),
+    (0.2126729, 0.7151522, 0.0721750),
+    (0.0193339, 0.1191920, 0.9503041),
+)
+# The white point is the image of RGB white, the row sums of the matrix (0.95046, 1.0, 1.08883),
+# so grays map to a = b = 0 exactly.
+_WHITE_D65 = tuple(sum(row) for row in _RGB_TO_XYZ)
+_LAB_EPSILON, _LAB_KAPPA = 216 / 24389, 24389 / 27
+
+
+def rgb_to_lab(x: Tensor) -> Tensor:
+    """sRGB images (B, 3, H, W) in [0, 1] -> CIE Lab (L in [0, 100], a and b roughly in [-128, 127])."""
+    _check_images(x)
+    linear = torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+    matrix = torch.tensor(_RGB_TO_XYZ, dtype=x.dtype, device=x.device)
+    xyz = torch.einsum("ij,bjhw->bihw", matrix, linear)
+    xyz = xyz / torch.tensor(_WHITE_D65, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    f = torch.where(xyz > _LAB_EPSILON, xyz.clamp_min(1e-12) ** (1 / 3), (_LAB_KAPPA * xyz + 16) / 116)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
+
+
+def lab_to_rgb(lab: Tensor) -> Tensor:
+    """The inverse of `rgb_to_lab` (values outside the sRGB gamut are not clipped)."""
+    fy = (lab[:, 0] + 16) / 116
+    f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], dim=1)
+    xyz = torch.where(f**3 > _LAB_EPSILON, f**3, (116 * f - 16) / _LAB_KAPPA)
+    xyz = xyz * torch.tensor(_WHITE_D65, dtype=lab.dtype, device=lab.device).view(1, 3, 1, 1)
+    inverse = torch.linalg.inv(torch.tensor(_RGB_TO_XYZ, dtype=torch.float64)).to(lab.dtype).to(lab.device)
+    linear = torch.einsum("ij,bjhw->bihw", inverse, xyz)
+    return torch.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear.clamp_min(0) ** (1 / 2.4) - 0.055)

@@ -76,11 +76,3 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     return torch.cat(_GatherWithGrad.apply(x), dim=0)
-
-
-def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
-    if not is_distributed():
-        return x
-    x = x.clone()
-    dist.all_reduce(x)
-    return x / world_size()

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import pickle
 import sys
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """'views=rgb' -> ('views', 'rgb'); numbers and booleans are read as Python literals."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def _train(args) -> int:
@@ -13,7 +25,8 @@ def _train(args) -> int:
     from .train import train
 
     run = train(args.method, profile=args.profile, out_dir=args.out, epochs=args.epochs,
-                seed=args.seed, resume=args.resume, linear_probe=not args.no_linear)  # fmt: skip
+                seed=args.seed, resume=args.resume, linear_probe=not args.no_linear,
+                method_options=dict(args.option))  # fmt: skip
     cleanup()
     s = run.summary
     print(json.dumps({k: s[k] for k in ("method", "profile", "epochs", "knn_top1", "knn_top1_random_init",
@@ -62,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
+    p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. --option views=rgb for CMC (repeatable)")  # fmt: skip
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate the newest checkpoint of a run (kNN, linear probe)")

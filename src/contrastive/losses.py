@@ -108,3 +108,69 @@ def info_nce(
     positive_logit = (query * positive).sum(1, keepdim=True)
     logits = torch.cat([positive_logit, query @ negatives.T], dim=1) / temperature
     return F.cross_entropy(logits.float(), torch.zeros(len(query), dtype=torch.long, device=query.device))
+
+
+def multiview_info_nce(
+    views: list[torch.Tensor] | tuple[torch.Tensor, ...], temperature: float = 0.07, graph: str = "full"
+) -> torch.Tensor:
+    """sum over view pairs (i, j) of L(v_i -> v_j) + L(v_j -> v_i), in-batch InfoNCE (CMC chapter).
+
+    views: M >= 2 tensors (N, D), normalised here; row n of every view comes from
+    image n. L(v_i -> v_j) is the mean over anchors n of
+    -log exp(z_i[n].z_j[n]/tau) / sum_m exp(z_i[n].z_j[m]/tau): each anchor in
+    view i picks its partner among the N rows of view j. `graph="core"` sums the
+    pairs (1, j) with the first view as the core; `graph="full"` sums all
+    M(M-1)/2 pairs. For two views both graphs are the symmetric two-view loss.
+    """
+    _check_temperature(temperature)
+    if graph not in ("core", "full"):
+        raise ValueError(f"graph must be 'core' or 'full', got {graph!r}")
+    if len(views) < 2:
+        raise ValueError(f"need at least two views, got {len(views)}")
+    shapes = {tuple(v.shape) for v in views}
+    if len(shapes) != 1 or views[0].dim() != 2 or len(views[0]) == 0:
+        got = [tuple(v.shape) for v in views]
+        raise ValueError(f"every view must be the same non-empty (N, D); got {got}")
+    z = [F.normalize(v.float(), dim=1) for v in views]
+    targets = torch.arange(len(z[0]), device=z[0].device)
+    pairs = (
+        [(0, j) for j in range(1, len(z))]
+        if graph == "core"
+        else [(i, j) for i in range(len(z)) for j in range(i + 1, len(z))]
+    )
+    loss = z[0].new_zeros(())
+    for i, j in pairs:
+        logits = z[i] @ z[j].T / temperature
+        loss = loss + F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)
+    return loss
+
+
+def invaspread_loss(f: torch.Tensor, f_hat: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """-sum_i log P(i|x^_i) - sum_i sum_{j != i} log(1 - P(i|x^_j)), divided by N (InvaSpread chapter).
+
+    f, f_hat: (N, D) embeddings of two views of the same N images, normalised
+    here. P(i|x^_j) = exp(f_i.f^_j/tau) / sum_k exp(f_k.f^_j/tau): view two's
+    image j classified among the N first-view embeddings. The first term pulls
+    each image's views together, the second pushes every other image's view
+    away from it. Both are computed in log space: log(1 - P) is log1p(-P) where
+    P <= 1/2, and a log-sum-exp over the other rows where P may be near 1.
+    """
+    _check_temperature(temperature)
+    if f.shape != f_hat.shape or f.dim() != 2 or len(f) == 0:
+        raise ValueError(
+            f"f and f_hat must both be the same non-empty (N, D); "
+            f"got {tuple(f.shape)} and {tuple(f_hat.shape)}"
+        )
+    n, dtype = len(f), torch.promote_types(f.dtype, torch.float32)
+    f, f_hat = F.normalize(f.to(dtype), dim=1), F.normalize(f_hat.to(dtype), dim=1)
+    logits = f @ f_hat.T / temperature  # logits[i, j] = f_i.f^_j / tau
+    log_norm = logits.logsumexp(0)
+    log_p = logits - log_norm  # log P(i | x^_j)
+    loss = -log_p.diagonal().sum()
+    if n > 1:
+        # Only the largest entry of a column can exceed 1/2; 1 - P there is the other rows' share.
+        top = F.one_hot(logits.argmax(0), n).T.bool()
+        log_rest = logits.masked_fill(top, float("-inf")).logsumexp(0) - log_norm
+        log_not = torch.where(top, log_rest.expand(n, n), torch.log1p(-log_p.masked_fill(top, -1.0).exp()))
+        loss = loss - log_not.masked_fill(torch.eye(n, dtype=torch.bool, device=f.device), 0.0).sum()
+    return loss / n

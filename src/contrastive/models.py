@@ -81,17 +81,23 @@ class ResNet18(nn.Module):
 
 
 BACKBONES = {
-    "convnet_tiny": lambda in_channels: ConvNet((16, 32, 64), in_channels),
-    "convnet_small": lambda in_channels: ConvNet((24, 64, 128, 256), in_channels),
-    "resnet18": lambda in_channels: ResNet18(in_channels),
+    "convnet_tiny": (ConvNet, (16, 32, 64)),
+    "convnet_small": (ConvNet, (24, 64, 128, 256)),
+    "resnet18": (ResNet18, (64, 128, 256, 512)),
 }
 
 
-def build_backbone(name: str, in_channels: int = 3) -> nn.Module:
-    """Build a backbone by name; an unknown name is an error listing the valid ones."""
+def build_backbone(name: str, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    """Build a backbone by name; an unknown name is an error listing the valid ones.
+
+    `width` multiplies every layer's channel count (CMC's half-width encoders use 0.5).
+    """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
-    return BACKBONES[name](in_channels)
+    if not width > 0:
+        raise ValueError(f"width must be positive, got {width}")
+    cls, widths = BACKBONES[name]
+    return cls(widths=[max(1, round(width * w)) for w in widths], in_channels=in_channels)
 
 
 def projection_mlp(

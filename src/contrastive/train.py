@@ -43,6 +43,18 @@ class Run:
     method: torch.nn.Module
     data: ImageDataset
 
+    def report(self) -> str:
+        """kNN and linear-probe top-1 against random init, and the training time, in three lines."""
+        s = self.summary
+        lines = [f"kNN top-1:    trained {100 * s['knn_top1']:.1f}%   "
+                 f"random init {100 * s['knn_top1_random_init']:.1f}%"]  # fmt: skip
+        if s.get("linear_top1") is not None:
+            lines.append(f"linear probe: trained {100 * s['linear_top1']:.1f}%   "
+                         f"random init {100 * s['linear_top1_random_init']:.1f}%")  # fmt: skip
+        lines.append(f"{s['train_seconds']:.0f} s of training at {s['images_per_second']:.0f} images/s "
+                     f"on {s['device']}")  # fmt: skip
+        return "\n".join(lines)
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped before updating the weights."""
@@ -179,7 +191,8 @@ def train(
 
     torch.manual_seed(seed)
     backbone = build_backbone(profile.backbone, in_channels=data.train_images.shape[1])
-    model = build_method(method, backbone, len(data.train_images), **(method_options or {})).to(device)
+    model = build_method(method, backbone, len(data.train_images), backbone_name=profile.backbone,
+                         **(method_options or {})).to(device)  # fmt: skip
     # channels_last speeds convolutions up on both CPUs (oneDNN) and GPUs (tensor cores).
     model = model.to(memory_format=torch.channels_last)
     use_amp = profile.amp and device.type == "cuda"
@@ -198,6 +211,9 @@ def train(
         if (ckpt["method"], ckpt["profile"], ckpt["seed"]) != (method, profile.name, seed):
             raise ValueError(f"{last_good} is a {ckpt['method']}/{ckpt['profile']}/seed {ckpt['seed']} "
                              f"run; cannot resume it as {method}/{profile.name}/seed {seed}")  # fmt: skip
+        if ckpt.get("method_options", {}) != _literal_options(method_options):
+            raise ValueError(f"{last_good} was trained with options {ckpt.get('method_options', {})}; "
+                             f"cannot resume it with {_literal_options(method_options)}")  # fmt: skip
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng_cpu"].cpu())
@@ -291,7 +307,8 @@ def train(
                 log(f"epoch {epoch + 1}/{profile.epochs}  loss {row['loss']:.4f}  lr {lr:.3f}  "
                     f"{row['images_per_second']:.0f} img/s{knn}")  # fmt: skip
                 if out is not None:
-                    last_good = _save_checkpoint(out, model, optimizer, state, method, profile, seed, device)
+                    last_good = _save_checkpoint(out, model, optimizer, state, method, profile, seed, device,
+                                                 method_options)  # fmt: skip
                     _write_metrics(out / "metrics.jsonl", state["metrics"])
     except KeyboardInterrupt:
         if is_main and out is not None:
@@ -305,7 +322,8 @@ def train(
     if final is None:  # a finished run was resumed: nothing left to train
         final = evaluate_backbone(encoder, data, profile.eval_batch_size, linear=linear_probe)
     summary = {
-        "method": method, "profile": profile.name, "epochs": profile.epochs, "seed": seed,
+        "method": method, "method_options": _literal_options(method_options), "profile": profile.name,
+        "epochs": profile.epochs, "seed": seed,
         "knn_top1": final["knn_top1"], "knn_top1_random_init": state["random_init"]["knn_top1"],
         "linear_top1": final.get("linear_top1"),
         "linear_top1_random_init": state["random_init"].get("linear_top1"),
@@ -320,9 +338,14 @@ def train(
     return Run(summary, state["metrics"], model, data)
 
 
-def _save_checkpoint(out, model, optimizer, state, method, profile, seed, device) -> Path:
+def _literal_options(options: dict | None) -> dict:
+    """The method options a checkpoint can record and `weights_only` loading can read back."""
+    return {k: v for k, v in (options or {}).items() if isinstance(v, (bool, int, float, str))}
+
+
+def _save_checkpoint(out, model, optimizer, state, method, profile, seed, device, options) -> Path:
     ckpt = {
-        "method": method, "profile": profile.name, "seed": seed,
+        "method": method, "profile": profile.name, "seed": seed, "method_options": _literal_options(options),
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -343,7 +366,8 @@ def evaluate_checkpoint(out_dir: str | os.PathLike, data: ImageDataset | None = 
     device = torch.device(profile.device)
     data = profile_data(profile, data, device)
     backbone = build_backbone(profile.backbone, in_channels=data.train_images.shape[1])
-    model = build_method(ckpt["method"], backbone, len(data.train_images)).to(device)
+    model = build_method(ckpt["method"], backbone, len(data.train_images), backbone_name=profile.backbone,
+                         **ckpt.get("method_options", {})).to(device)  # fmt: skip
     model.load_state_dict(ckpt["model"])
     encoder = getattr(model, "encoder", backbone)
     result = evaluate_backbone(encoder, data, profile.eval_batch_size, linear=linear_probe)

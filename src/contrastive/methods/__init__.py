@@ -14,25 +14,39 @@ import inspect
 
 from torch import nn
 
+from .cmc import CMC
 from .cpc import CPC
 from .instdisc import InstDisc
+from .invaspread import InvaSpread
 from .simclr import SimCLR
 
 METHODS: dict[str, type[nn.Module]] = {
+    "cmc": CMC,
     "cpc": CPC,
     "instdisc": InstDisc,
+    "invaspread": InvaSpread,
     "simclr": SimCLR,
 }
 
 
-def build_method(name: str, backbone: nn.Module, num_images: int, **options) -> nn.Module:
+def build_method(
+    name: str, backbone: nn.Module, num_images: int, backbone_name: str | None = None, **options
+) -> nn.Module:
     """The method `name` around `backbone`; an unknown name is an error listing the valid ones.
 
-    Methods that keep per-image state (a memory bank) receive the number of training images.
+    Methods that keep per-image state (a memory bank) receive the number of training images;
+    methods that build encoders of their own (CMC's half-width pair) receive the backbone's name.
     """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
+    accepted = set(inspect.signature(cls).parameters) - {"backbone", "num_images", "backbone_name"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options are {', '.join(sorted(accepted)) or 'none'}")  # fmt: skip
     if "num_images" in inspect.signature(cls).parameters:
         options["num_images"] = num_images
+    if "backbone_name" in inspect.signature(cls).parameters:
+        options["backbone_name"] = backbone_name
     return cls(backbone, **options)

@@ -1,0 +1,127 @@
+"""CMC (Tian et al. 2019): two views of one image, its lightness L and its colour ab, one encoder each.
+
+Chapter: CMC. An augmented image (crop and flip; no colour jitter, colour is
+one of the views) is converted to CIE Lab on the device, `augment.rgb_to_lab`.
+A half-width encoder reads L (one channel), another reads ab (two channels);
+each is followed by a linear embedding, and the loss is the two-view objective
+in both directions, `losses.multiview_info_nce`, with the other images of the
+batch as negatives (the softmax form of the paper's later versions; Chapter 1's
+memory bank is the way to more negatives). Evaluation reads the concatenation
+of the two encoders' features, as wide as the one full-width encoder it is
+compared with.
+
+`views="rgb"` is that comparison: one full-width encoder on RGB, two
+independently cropped views of each image, the same embedding and loss. Both
+views then see all three channels, so what is shared between them is what
+survives a change of crop, not what links lightness to colour.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..augment import CIFAR10_MEAN, CIFAR10_STD, Recipe, augment, rgb_to_lab
+from ..distributed import gather_with_grad
+from ..losses import multiview_info_nce
+from ..models import build_backbone
+
+# CMC's recipe: random crop and flip only.
+CMC_CIFAR = Recipe(scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0)
+
+
+def split_lab(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised RGB (B, 3, H, W) with CIFAR-10 statistics -> (L, ab), each scaled to about [-1, 1]."""
+    mean = torch.tensor(CIFAR10_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    lab = rgb_to_lab((x * std + mean).clamp(0, 1))
+    return (lab[:, :1] - 50) / 50, lab[:, 1:] / 100
+
+
+class LabEncoder(nn.Module):
+    """Images (normalised RGB) -> [f_L(L), f_ab(ab)]: the features the evaluation protocol reads."""
+
+    def __init__(self, l_net: nn.Module, ab_net: nn.Module):
+        super().__init__()
+        self.l_net, self.ab_net = l_net, ab_net
+        self.out_dim = l_net.out_dim + ab_net.out_dim
+
+    def views(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lightness, colour = split_lab(x)
+        return self.l_net(lightness), self.ab_net(colour)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.views(x), dim=1)
+
+
+def _head(in_dim: int, out_dim: int) -> nn.Sequential:
+    # ReLU features are non-negative; BN centres the embeddings (Chapter 1's finding).
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim))
+
+
+class CMC(nn.Module):
+    lr_scale = 0.2  # the profiles' SimCLR rate is tuned for tau = 0.5; tau = 0.07 needs smaller steps
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        backbone_name: str | None = None,
+        views: str = "lab",
+        feature_dim: int = 128,
+        temperature: float = 0.07,
+        recipe: Recipe = CMC_CIFAR,
+    ):
+        super().__init__()
+        if views not in ("lab", "rgb"):
+            raise ValueError(f"views must be 'lab' (CMC) or 'rgb' (one encoder, two crops), got {views!r}")
+        self.views, self.temperature, self.recipe = views, temperature, recipe
+        if views == "lab":
+            if backbone_name is None:
+                raise ValueError("CMC with views='lab' builds its two half-width encoders from backbone_name")
+            self.encoder = LabEncoder(
+                build_backbone(backbone_name, in_channels=1, width=0.5),
+                build_backbone(backbone_name, in_channels=2, width=0.5),
+            )
+            self.heads = nn.ModuleList([_head(self.encoder.l_net.out_dim, feature_dim),
+                                        _head(self.encoder.ab_net.out_dim, feature_dim)])  # fmt: skip
+        else:
+            self.encoder = backbone
+            self.heads = nn.ModuleList([_head(backbone.out_dim, feature_dim)])
+        self._correct, self._total, self._batch, self._losses = 0, 0, 0, []
+
+    def embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two views' embeddings (B, feature_dim) each, before normalisation."""
+        if self.views == "lab":
+            h_l, h_ab = self.encoder.views(augment(images, self.recipe))  # one crop, split by channel
+            return self.heads[0](h_l), self.heads[1](h_ab)
+        x = torch.cat([augment(images, self.recipe), augment(images, self.recipe)])  # two crops
+        return self.heads[0](self.encoder(x)).chunk(2)
+
+    def forward(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The training step: images (B, 3, H, W) uint8 -> L(v1 -> v2) + L(v2 -> v1)."""
+        z1, z2 = self.embeddings(images)
+        z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
+        loss = multiview_info_nce([z1, z2], self.temperature)
+        with torch.no_grad():  # top-1 of the v1 -> v2 direction: is the partner the nearest row?
+            sims = F.normalize(z1.float(), dim=1) @ F.normalize(z2.float(), dim=1).T
+            self._correct += (sims.argmax(1) == torch.arange(len(sims), device=sims.device)).sum().item()
+            self._total += len(sims)
+            self._losses.append(loss.item() / 2)
+            self._batch = len(sims)
+        return loss
+
+    training_step = forward
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """CMC keeps no state beyond its weights."""
+
+    def epoch_metrics(self) -> dict:
+        """Top-1 of picking the partner view among the batch, and the bound log K - L per direction."""
+        out = {"view_accuracy": self._correct / max(self._total, 1)}
+        if self._losses:
+            out["mi_bound"] = math.log(self._batch) - sum(self._losses) / len(self._losses)
+        self._correct, self._total, self._losses = 0, 0, []
+        return out

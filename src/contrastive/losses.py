@@ -146,14 +146,16 @@ def multiview_info_nce(
 
 
 def invaspread_loss(f: torch.Tensor, f_hat: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """-sum_i log P(i|x^_i) - sum_i sum_{j != i} log(1 - P(i|x^_j)), divided by N (InvaSpread chapter).
+    """-sum_i log P(i|x^_i) - sum_i sum_{j != i} log(1 - P(i|x_j)), divided by N (InvaSpread chapter).
 
-    f, f_hat: (N, D) embeddings of two views of the same N images, normalised
-    here. P(i|x^_j) = exp(f_i.f^_j/tau) / sum_k exp(f_k.f^_j/tau): view two's
-    image j classified among the N first-view embeddings. The first term pulls
-    each image's views together, the second pushes every other image's view
-    away from it. Both are computed in log space: log(1 - P) is log1p(-P) where
-    P <= 1/2, and a log-sum-exp over the other rows where P may be near 1.
+    f: (N, D) embeddings of the images x_j, f_hat: (N, D) of their augmented
+    copies x^_j; both are normalised here. The batch's f are the instance
+    weights: P(i|x^_i) = exp(f_i.f^_i/tau) / sum_k exp(f_k.f^_i/tau) asks the
+    augmented copy to be recognised as its own instance (invariance), and
+    P(i|x_j) = exp(f_i.f_j/tau) / sum_k exp(f_k.f_j/tau), j != i, asks image j
+    not to be mistaken for instance i (spreading). The k = j term exp(1/tau) is
+    the largest of column j, so every P(i|x_j) with i != j is at most 1/2 and
+    log1p(-P) is accurate.
     """
     _check_temperature(temperature)
     if f.shape != f_hat.shape or f.dim() != 2 or len(f) == 0:
@@ -163,14 +165,8 @@ def invaspread_loss(f: torch.Tensor, f_hat: torch.Tensor, temperature: float = 0
         )
     n, dtype = len(f), torch.promote_types(f.dtype, torch.float32)
     f, f_hat = F.normalize(f.to(dtype), dim=1), F.normalize(f_hat.to(dtype), dim=1)
-    logits = f @ f_hat.T / temperature  # logits[i, j] = f_i.f^_j / tau
-    log_norm = logits.logsumexp(0)
-    log_p = logits - log_norm  # log P(i | x^_j)
-    loss = -log_p.diagonal().sum()
-    if n > 1:
-        # Only the largest entry of a column can exceed 1/2; 1 - P there is the other rows' share.
-        top = F.one_hot(logits.argmax(0), n).T.bool()
-        log_rest = logits.masked_fill(top, float("-inf")).logsumexp(0) - log_norm
-        log_not = torch.where(top, log_rest.expand(n, n), torch.log1p(-log_p.masked_fill(top, -1.0).exp()))
-        loss = loss - log_not.masked_fill(torch.eye(n, dtype=torch.bool, device=f.device), 0.0).sum()
-    return loss / n
+    log_p_hat = (f @ f_hat.T / temperature).log_softmax(0)  # [i, j]: log P(i | x^_j)
+    log_p = (f @ f.T / temperature).log_softmax(0)  # [i, j]: log P(i | x_j)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool, device=f.device)
+    spreading = torch.log1p(-log_p[off_diagonal].exp()).sum()
+    return -(log_p_hat.diagonal().sum() + spreading) / n

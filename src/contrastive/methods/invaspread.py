@@ -1,14 +1,13 @@
 """InvaSpread (Ye et al. 2019): the other images of the batch as negatives, no memory bank.
 
 Chapter: InvaSpread. A step embeds two augmented views of every image,
-f = W h and f^ (a linear head with BatchNorm, then normalised), and minimises
-`contrastive.losses.invaspread_loss`: each view-two embedding f^_i is
-classified among the batch's view-one embeddings, its own image should win
-(invariance) and every other image should lose (spreading). The paper's f is
-the un-augmented image; here both views are augmented with the same recipe.
+f and f^ (a linear head with BatchNorm, then normalised), and minimises
+`contrastive.losses.invaspread_loss`: the batch's f are the instance weights;
+each f^_i must be recognised as instance i (invariance), and each f_j must not
+be mistaken for any other instance (spreading). The paper's f is the
+un-augmented image; here both views are augmented with the same recipe.
 Under torchrun the embeddings are gathered from every rank (with gradient), so
-the negatives are the whole global batch.
-"""
+the negatives are the whole global batch."""
 
 from __future__ import annotations
 

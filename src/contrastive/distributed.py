@@ -76,3 +76,34 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x
     return torch.cat(_GatherWithGrad.apply(x), dim=0)
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all ranks along dim 0, without gradient; x itself when not distributed."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of a random permutation of the global batch, and the index that undoes it.
+
+    The global batch is x gathered from every rank (all ranks pass the same number
+    of rows); rank 0 draws the permutation and broadcasts it, so the ranks' slices
+    partition the global batch. Without a process group: x[perm] and argsort(perm).
+    """
+    gathered = concat_all_gather(x)
+    perm = torch.randperm(len(gathered), device=x.device)
+    if is_distributed():
+        dist.broadcast(perm, src=0)
+    return gathered[perm.view(world_size(), -1)[rank()]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(x: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
+    """Undo `batch_shuffle`: gather the shuffled slices, return this rank's rows in their original order."""
+    return concat_all_gather(x)[unshuffle.view(world_size(), -1)[rank()]]

@@ -18,6 +18,7 @@ from .cmc import CMC
 from .cpc import CPC
 from .instdisc import InstDisc
 from .invaspread import InvaSpread
+from .moco import MoCo, MoCoV2
 from .simclr import SimCLR
 
 METHODS: dict[str, type[nn.Module]] = {
@@ -25,6 +26,8 @@ METHODS: dict[str, type[nn.Module]] = {
     "cpc": CPC,
     "instdisc": InstDisc,
     "invaspread": InvaSpread,
+    "moco": MoCo,
+    "mocov2": MoCoV2,
     "simclr": SimCLR,
 }
 

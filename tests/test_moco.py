@@ -387,3 +387,12 @@ def test_a_moco_run_interrupted_after_epoch_one_and_resumed_matches_an_uninterru
     assert torch.equal(full.method.queue, resumed.method.queue)
     assert full.metrics[-1]["loss"] == resumed.metrics[-1]["loss"]
     assert full.metrics[-1]["instance_accuracy"] == resumed.metrics[-1]["instance_accuracy"]
+
+
+def test_default_bn_splits_is_eight_or_the_largest_divisor_leaving_two_samples_per_group():
+    torch.manual_seed(0)
+    model = build_method("moco", build_backbone("convnet_tiny"), 10, queue_size=512)
+    for batch, expected in ((16, 8), (12, 6), (10, 5), (7, 1), (11, 1), (4, 2)):
+        model(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8))
+        groups = {m.num_splits for m in model.modules() if hasattr(m, "num_splits")}
+        assert groups == {expected}, (batch, groups)

@@ -13,7 +13,8 @@ Shuffling BN: when a query and its key are normalised with the statistics of
 the same samples, those statistics help tell the positive apart, and the model
 can lower the loss through them instead of through the image (the paper's
 "cheating"). MoCo computes BN per GPU and hands each GPU a shuffled share of the
-keys. On one device `SplitBatchNorm2d` emulates `bn_splits` GPUs (each group of
+keys. On one device `SplitBatchNorm2d` emulates `bn_splits` GPUs (by default 8,
+or the largest divisor of the batch below 8 that leaves two samples per group; each group of
 consecutive samples gets its own statistics, in both encoders) and the key batch
 is permuted before the key encoder and restored after it; under torchrun the
 permutation runs over all ranks' keys, `distributed.batch_shuffle`, and
@@ -135,7 +136,7 @@ class MoCo(nn.Module):
         feature_dim: int = FEATURE_DIM,
         mlp_head: bool = False,
         shuffle_bn: bool = True,
-        bn_splits: int = BN_SPLITS,
+        bn_splits: int | None = None,
         recipe: Recipe = MOCO_CIFAR,
     ):
         super().__init__()
@@ -148,15 +149,17 @@ class MoCo(nn.Module):
             raise ValueError(f"temperature must be positive, got {temperature}")
         if not (isinstance(feature_dim, int) and feature_dim > 0):
             raise ValueError(f"feature_dim must be a positive integer, got {feature_dim!r}")
-        if not (isinstance(bn_splits, int) and bn_splits > 0):
+        if bn_splits is not None and not (isinstance(bn_splits, int) and bn_splits > 0):
             raise ValueError(f"bn_splits must be a positive integer dividing the batch, got {bn_splits!r}")
         self.momentum, self.temperature, self.recipe = momentum, temperature, recipe
-        self.shuffle_bn, self.bn_splits = shuffle_bn, bn_splits
-        self.backbone = split_batch_norm(backbone, bn_splits)
+        # None: BN_SPLITS groups when the batch allows it, else the largest divisor of the batch below that.
+        self.shuffle_bn, self.auto_splits = shuffle_bn, bn_splits is None
+        self.bn_splits = bn_splits or 1
+        self.backbone = split_batch_norm(backbone, self.bn_splits)
         dim = backbone.out_dim
         # v1: a linear map to the embedding; v2: the MLP (hidden width = feature width, as in the paper).
         head = projection_mlp(dim, dim, feature_dim) if mlp_head else nn.Linear(dim, feature_dim)
-        self.head = split_batch_norm(head, bn_splits)
+        self.head = split_batch_norm(head, self.bn_splits)
         self.key_encoder = copy.deepcopy(nn.Sequential(self.backbone, self.head))
         self.key_encoder.requires_grad_(False)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, feature_dim), dim=1))
@@ -168,6 +171,14 @@ class MoCo(nn.Module):
         return [*self.backbone.parameters(), *self.head.parameters()]
 
     def _check_batch(self, n: int) -> None:
+        if self.auto_splits:
+            # at least two samples per group, so every group has a batch statistic to compute
+            splits = max(d for d in range(1, min(BN_SPLITS, n // 2) + 1) if n % d == 0) if n > 1 else 1
+            if splits != self.bn_splits:
+                self.bn_splits = splits
+                for layer in self.modules():
+                    if isinstance(layer, _SplitBatchNorm):
+                        layer.num_splits = splits
         if n % self.bn_splits:
             divisors = [d for d in range(1, n + 1) if n % d == 0]
             raise ValueError(f"this step's batch of {n} images cannot be split into "
@@ -264,7 +275,7 @@ class MoCoV2(MoCo):
         feature_dim: int = FEATURE_DIM,
         mlp_head: bool = True,
         shuffle_bn: bool = True,
-        bn_splits: int = BN_SPLITS,
+        bn_splits: int | None = None,
         recipe: Recipe = MOCOV2_CIFAR,
     ):
         super().__init__(backbone, queue_size=queue_size, momentum=momentum, temperature=temperature,

@@ -6,21 +6,49 @@ Embeddings are rows; `temperature` is the book's tau.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
+class NonFiniteInputError(ValueError):
+    """A loss received NaN or infinite entries; the message names the argument."""
+
+
 def _check_temperature(temperature: float) -> None:
-    if not temperature > 1e-6:
+    if not 1e-6 < temperature < math.inf:
         raise ValueError(
-            f"temperature must be positive (got {temperature}); values near 0 overflow the softmax"
+            f"temperature must be positive and finite (got {temperature}); values near 0 overflow the softmax"
         )
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    """Refuse NaN or infinite entries, naming the argument, its shape and how many entries are bad."""
+    if not torch.isfinite(x).all():
+        bad = x.numel() - int(torch.isfinite(x).sum())
+        raise NonFiniteInputError(
+            f"{name} {tuple(x.shape)} has {bad} non-finite (NaN or infinite) entries of {x.numel()}"
+        )
+
+
+def _check_embeddings(**tensors: torch.Tensor) -> None:
+    """Refuse tensors that are not all the same non-empty (N, D), or that hold NaN or infinite entries."""
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    first = next(iter(shapes.values()))
+    if len(first) != 2 or first[0] == 0 or len(set(shapes.values())) != 1:
+        *rest, last = shapes
+        got = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+        raise ValueError(f"{', '.join(rest)} and {last} must be the same non-empty (N, D); got {got}")
+    for name, t in tensors.items():
+        _check_finite(name, t)
 
 
 def triplet_loss(
     anchor: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, margin: float = 0.2
 ) -> torch.Tensor:
     """max(0, ||a - p||^2 - ||a - n||^2 + alpha), mean over the batch (Introduction; FaceNet)."""
+    _check_embeddings(anchor=anchor, positive=positive, negative=negative)
     d_pos = (anchor - positive).pow(2).sum(-1)
     d_neg = (anchor - negative).pow(2).sum(-1)
     return torch.relu(d_pos - d_neg + margin).mean()
@@ -29,6 +57,9 @@ def triplet_loss(
 def smooth_max(scores: torch.Tensor, temperature: float) -> torch.Tensor:
     """tau * log sum_k exp(s_k / tau) over the last dim; tends to max_k s_k as tau -> 0 (Introduction)."""
     _check_temperature(temperature)
+    if scores.dim() > 0 and scores.shape[-1] == 0:
+        raise ValueError(f"scores must have at least one entry in the last dim; got {tuple(scores.shape)}")
+    _check_finite("scores", scores)
     return temperature * torch.logsumexp(scores / temperature, dim=-1)
 
 
@@ -44,8 +75,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> tor
     torch.Size([])
     """
     _check_temperature(temperature)
-    if z1.shape != z2.shape or z1.dim() != 2:
-        raise ValueError(f"z1 and z2 must both be (N, D); got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    _check_embeddings(z1=z1, z2=z2)
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     logits = (z @ z.T) / temperature
@@ -73,13 +103,21 @@ def nce_loss(
     Computed in log space, so tiny probabilities do not underflow.
     """
     _check_temperature(temperature)
-    if positive_sim.dim() != 1 or noise_sim.dim() != 2 or len(positive_sim) != len(noise_sim):
+    shapes_ok = positive_sim.dim() == 1 and noise_sim.dim() == 2 and len(positive_sim) == len(noise_sim)
+    if not shapes_ok or len(positive_sim) == 0:
         raise ValueError(
-            f"positive_sim must be (B,) and noise_sim (B, m); got {tuple(positive_sim.shape)} "
+            f"positive_sim must be (B,) and noise_sim (B, m) with B > 0; got {tuple(positive_sim.shape)} "
             f"and {tuple(noise_sim.shape)}"
         )
+    _check_finite("positive_sim", positive_sim)
+    _check_finite("noise_sim", noise_sim)
+    if not num_data > 0:
+        raise ValueError(f"num_data must be positive; got {num_data}")
+    z = torch.as_tensor(normaliser, dtype=positive_sim.dtype, device=positive_sim.device)
+    if not ((z > 0) & (z < math.inf)).all():
+        raise ValueError(f"normaliser must be positive and finite; got {normaliser}")
     m = noise_sim.shape[1]
-    log_z = torch.log(torch.as_tensor(normaliser, dtype=positive_sim.dtype, device=positive_sim.device))
+    log_z = torch.log(z)
     log_noise = torch.log(torch.tensor(m / num_data, dtype=positive_sim.dtype, device=positive_sim.device))
     log_p_pos = positive_sim / temperature - log_z
     log_p_noise = noise_sim / temperature - log_z
@@ -99,12 +137,10 @@ def info_nce(
     normalise first, callers with a learned critic (CPC) pass its outputs.
     """
     _check_temperature(temperature)
-    if query.shape != positive.shape or query.dim() != 2:
-        raise ValueError(
-            f"query and positive must both be (N, D); got {tuple(query.shape)} and {tuple(positive.shape)}"
-        )
+    _check_embeddings(query=query, positive=positive)
     if negatives.dim() != 2 or negatives.shape[1] != query.shape[1]:
         raise ValueError(f"negatives must be (K, {query.shape[1]}); got {tuple(negatives.shape)}")
+    _check_finite("negatives", negatives)
     positive_logit = (query * positive).sum(1, keepdim=True)
     logits = torch.cat([positive_logit, query @ negatives.T], dim=1) / temperature
     return F.cross_entropy(logits.float(), torch.zeros(len(query), dtype=torch.long, device=query.device))
@@ -131,6 +167,8 @@ def multiview_info_nce(
     if len(shapes) != 1 or views[0].dim() != 2 or len(views[0]) == 0:
         got = [tuple(v.shape) for v in views]
         raise ValueError(f"every view must be the same non-empty (N, D); got {got}")
+    for i, v in enumerate(views):
+        _check_finite(f"views[{i}]", v)
     z = [F.normalize(v.float(), dim=1) for v in views]
     targets = torch.arange(len(z[0]), device=z[0].device)
     pairs = (
@@ -158,11 +196,7 @@ def invaspread_loss(f: torch.Tensor, f_hat: torch.Tensor, temperature: float = 0
     log1p(-P) is accurate.
     """
     _check_temperature(temperature)
-    if f.shape != f_hat.shape or f.dim() != 2 or len(f) == 0:
-        raise ValueError(
-            f"f and f_hat must both be the same non-empty (N, D); "
-            f"got {tuple(f.shape)} and {tuple(f_hat.shape)}"
-        )
+    _check_embeddings(f=f, f_hat=f_hat)
     n, dtype = len(f), torch.promote_types(f.dtype, torch.float32)
     f, f_hat = F.normalize(f.to(dtype), dim=1), F.normalize(f_hat.to(dtype), dim=1)
     log_p_hat = (f @ f_hat.T / temperature).log_softmax(0)  # [i, j]: log P(i | x^_j)

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import ImageDataset, load_cifar10
 from .evaluate import evaluate_backbone
-from .methods import build_method
+from .losses import NonFiniteInputError
+from .methods import build_method, check_method
 from .models import build_backbone
 from .profiles import Profile, banner, get_profile
 
@@ -58,6 +59,17 @@ class Run:
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped before updating the weights."""
+
+
+def _stopped(
+    what: str, epoch: int, step: int, global_step: int, last_good: Path | None
+) -> NonFiniteLossError:
+    """The error that stops a run at a non-finite step: where it happened and which checkpoint survives."""
+    kept = (f"the last good checkpoint {last_good} is intact" if last_good
+            else "no epoch had finished, so there is no checkpoint")  # fmt: skip
+    return NonFiniteLossError(f"{what} at epoch {epoch}, step {step} (global step {global_step}); training "
+                              f"stopped before the update and {kept}. Lower the learning rate or check the "
+                              "inputs, then resume.")  # fmt: skip
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -106,7 +118,7 @@ def load_checkpoint(out_dir: Path, device) -> tuple[dict, Path]:
         except Exception as exc:  # a truncated or corrupt file: fall back to the previous one
             warnings.warn(f"checkpoint {path} is unreadable ({exc}); trying the previous one",
                           stacklevel=2)  # fmt: skip
-    raise RuntimeError(f"every checkpoint in {out_dir} is unreadable: {[str(p) for p in paths]}")
+    raise ValueError(f"every checkpoint in {out_dir} is unreadable: {[str(p) for p in paths]}")
 
 
 def git_commit() -> str:
@@ -169,6 +181,7 @@ def train(
     continues from the newest readable checkpoint in `out_dir`.
     """
     started = time.perf_counter()
+    check_method(method, method_options)  # a misspelt name fails now, not after loading the data
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
     if epochs is not None:
         profile = dataclasses.replace(profile, epochs=epochs)
@@ -262,19 +275,16 @@ def train(
                 lr = lr_at(state["step"], total_steps, warmup_steps, peak_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = ddp(data.train_images[idx], idx)
+                try:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        loss = ddp(data.train_images[idx], idx)
+                except NonFiniteInputError as exc:  # the embeddings, not only the loss, went NaN or infinite
+                    raise _stopped(f"the {method} loss got non-finite input ({exc})", epoch + 1, i + 1,
+                                   state["step"] + 1, last_good) from exc  # fmt: skip
                 value = loss.item()
                 if not math.isfinite(value):
-                    where = f"epoch {epoch + 1}, step {i + 1} (global step {state['step'] + 1})"
-                    kept = (
-                        f"the last good checkpoint {last_good} is intact"
-                        if last_good
-                        else "no epoch had finished, so there is no checkpoint"
-                    )
-                    raise NonFiniteLossError(f"the {method} loss became {value} at {where}; training stopped "
-                                             f"before the update and {kept}. Lower the learning rate or "
-                                             "check the inputs, then resume.")  # fmt: skip
+                    raise _stopped(f"the {method} loss became {value}", epoch + 1, i + 1, state["step"] + 1,
+                                   last_good)  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

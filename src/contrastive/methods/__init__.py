@@ -32,6 +32,17 @@ METHODS: dict[str, type[nn.Module]] = {
 }
 
 
+def check_method(name: str, options: dict | None = None) -> None:
+    """Refuse an unknown method or option name, listing the valid ones; needs no model or data."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    accepted = set(inspect.signature(METHODS[name]).parameters) - {"backbone", "num_images", "backbone_name"}
+    unknown = sorted(set(options or {}) - accepted)
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options are {', '.join(sorted(accepted)) or 'none'}")  # fmt: skip
+
+
 def build_method(
     name: str, backbone: nn.Module, num_images: int, backbone_name: str | None = None, **options
 ) -> nn.Module:
@@ -40,14 +51,8 @@ def build_method(
     Methods that keep per-image state (a memory bank) receive the number of training images;
     methods that build encoders of their own (CMC's half-width pair) receive the backbone's name.
     """
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    check_method(name, options)
     cls = METHODS[name]
-    accepted = set(inspect.signature(cls).parameters) - {"backbone", "num_images", "backbone_name"}
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ValueError(f"{name} has no option {', '.join(map(repr, unknown))}; "
-                         f"its options are {', '.join(sorted(accepted)) or 'none'}")  # fmt: skip
     if "num_images" in inspect.signature(cls).parameters:
         options["num_images"] = num_images
     if "backbone_name" in inspect.signature(cls).parameters:

@@ -25,6 +25,7 @@ from contrastive.losses import NonFiniteInputError
 from contrastive.methods import METHODS, build_method
 from contrastive.models import BACKBONES, build_backbone
 from contrastive.profiles import PROFILES, get_profile
+from contrastive.train import train
 
 
 def _x(*shape, seed=0, dtype=torch.float32):
@@ -439,3 +440,12 @@ def test_smooth_max_moves_with_a_constant_shift_of_the_scores(n, d, seed, shift,
     s = _x(n, d, seed=seed, dtype=torch.float64)
     shifted = losses.smooth_max(s + shift, temperature)
     assert torch.allclose(shifted, losses.smooth_max(s, temperature) + shift, atol=1e-9 * (1 + abs(shift)))
+
+
+def test_a_profile_with_an_unknown_backbone_or_no_epochs_is_refused_before_any_data_is_loaded():
+    with pytest.raises(ValueError, match=r"unknown backbone 'resnet81'.*convnet_small"):
+        get_profile("smoke", backbone="resnet81")
+    with pytest.raises(ValueError, match="epochs must be at least 1, got 0"):
+        get_profile("smoke", epochs=0)
+    with pytest.raises(ValueError, match="epochs must be at least 1, got -2"):
+        train("simclr", "smoke", epochs=-2, data=None, progress=False, log=lambda *_: None)

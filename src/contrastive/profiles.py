@@ -69,7 +69,15 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
     unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
     if unknown:
         raise ValueError(f"unknown profile fields {sorted(unknown)}")
-    return dataclasses.replace(profile, **overrides)
+    profile = dataclasses.replace(profile, **overrides)
+    from .models import BACKBONES  # here, not at the top: models imports torch.nn only when needed
+
+    if profile.backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {profile.backbone!r}; choose one of {sorted(BACKBONES)}")
+    for field in ("batch_size", "epochs", "eval_batch_size", "knn_every"):
+        if not getattr(profile, field) >= 1:
+            raise ValueError(f"the profile's {field} must be at least 1, got {getattr(profile, field)}")
+    return profile
 
 
 def banner(profile: Profile, data_source: str = "") -> str:

@@ -184,6 +184,8 @@ def train(
     check_method(method, method_options)  # a misspelt name fails now, not after loading the data
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
     if epochs is not None:
+        if not epochs >= 1:
+            raise ValueError(f"epochs must be at least 1, got {epochs}")
         profile = dataclasses.replace(profile, epochs=epochs)
     device = distributed.setup() or torch.device(profile.device)
     is_main, world = distributed.rank() == 0, distributed.world_size()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .models import BACKBONES
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -70,8 +72,6 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
     if unknown:
         raise ValueError(f"unknown profile fields {sorted(unknown)}")
     profile = dataclasses.replace(profile, **overrides)
-    from .models import BACKBONES  # here, not at the top: models imports torch.nn only when needed
-
     if profile.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {profile.backbone!r}; choose one of {sorted(BACKBONES)}")
     for field in ("batch_size", "epochs", "eval_batch_size", "knn_every"):

@@ -46,6 +46,7 @@ def _valid(name: str) -> dict:
         ),
         "multiview_info_nce": lambda: dict(views=[_x(4, 3), _x(4, 3, seed=1)], temperature=0.5),
         "invaspread_loss": lambda: dict(f=_x(4, 3), f_hat=_x(4, 3, seed=1), temperature=0.5),
+        "negative_cosine": lambda: dict(p=_x(4, 3), z=_x(4, 3, seed=1)),
     }[name]()
 
 
@@ -57,6 +58,7 @@ LOSSES = [
     "info_nce",
     "multiview_info_nce",
     "invaspread_loss",
+    "negative_cosine",
 ]
 WITH_TEMPERATURE = [name for name in LOSSES if "temperature" in _valid(name)]
 TENSOR_ARGUMENTS = [
@@ -112,6 +114,7 @@ SHAPE_CASES = [
     ("multiview_info_nce", dict(views=[_x(4, 3), _x(4, 5)]), r"every view .*\[\(4, 3\), \(4, 5\)\]"),
     ("multiview_info_nce", dict(views=[_x(4, 3)]), r"at least two views, got 1"),
     ("invaspread_loss", dict(f_hat=_x(5, 3)), r"f and f_hat .*f \(4, 3\), f_hat \(5, 3\)"),
+    ("negative_cosine", dict(z=_x(4, 5)), r"p and z .*p \(4, 3\), z \(4, 5\)"),
 ]
 
 EMPTY_CASES = [
@@ -122,6 +125,7 @@ EMPTY_CASES = [
     ("info_nce", dict(query=_x(0, 3), positive=_x(0, 3)), r"query and positive .*non-empty.*\(0, 3\)"),
     ("multiview_info_nce", dict(views=[_x(0, 3), _x(0, 3)]), r"non-empty.*\(0, 3\)"),
     ("invaspread_loss", dict(f=_x(0, 3), f_hat=_x(0, 3)), r"f and f_hat .*non-empty.*\(0, 3\)"),
+    ("negative_cosine", dict(p=_x(0, 3), z=_x(0, 3)), r"p and z .*non-empty.*\(0, 3\)"),
 ]
 
 
@@ -186,7 +190,7 @@ def test_nan_or_infinite_entries_are_refused_naming_the_argument_its_shape_and_t
 
 def test_every_tensor_argument_is_checked_for_non_finite_entries():
     assert {name for name, _ in TENSOR_ARGUMENTS} == set(LOSSES)
-    assert len(TENSOR_ARGUMENTS) == 3 + 1 + 2 + 2 + 3 + 2 + 2
+    assert len(TENSOR_ARGUMENTS) == 3 + 1 + 2 + 2 + 3 + 2 + 2 + 2
     assert issubclass(NonFiniteInputError, ValueError)  # callers catching ValueError still see it
 
 
@@ -333,6 +337,7 @@ def _random_inputs(name, n, d, scale, temperature, seed, dtype=torch.float32):
         ),
         "multiview_info_nce": lambda: dict(views=[r(n, d), r(n, d), r(n, d)], temperature=temperature),
         "invaspread_loss": lambda: dict(f=r(n, d), f_hat=r(n, d), temperature=temperature),
+        "negative_cosine": lambda: dict(p=r(n, d), z=r(n, d)),
     }[name]()
 
 
@@ -364,7 +369,7 @@ def _row_scales(gen, n, dtype=torch.float64):
     return 10.0 ** (torch.rand(n, 1, generator=gen, dtype=dtype) * 6 - 3)
 
 
-@pytest.mark.parametrize("name", ["nt_xent", "multiview_info_nce", "invaspread_loss"])
+@pytest.mark.parametrize("name", ["nt_xent", "multiview_info_nce", "invaspread_loss", "negative_cosine"])
 @settings(max_examples=25, deadline=None)
 @given(temperature=TEMPERATURE, **SIZES)
 def test_losses_that_normalise_are_invariant_to_the_scale_of_each_row(name, n, d, seed, temperature):
@@ -416,9 +421,7 @@ def test_multiview_info_nce_over_the_full_graph_ignores_the_order_of_the_views(n
     assert all(torch.allclose(values[0], v, atol=1e-5) for v in values[1:])
 
 
-@pytest.mark.parametrize(
-    "name", ["triplet_loss", "nt_xent", "nce_loss", "info_nce", "multiview_info_nce", "invaspread_loss"]
-)
+@pytest.mark.parametrize("name", [name for name in LOSSES if name != "smooth_max"])
 @settings(max_examples=25, deadline=None)
 @given(temperature=TEMPERATURE, **SIZES)
 def test_losses_averaged_over_the_batch_ignore_the_order_of_its_rows(name, n, d, seed, temperature):

@@ -152,3 +152,12 @@ def alignment(z1: torch.Tensor, z2: torch.Tensor, alpha: float = 2.0) -> torch.T
 def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     """log E exp(-t ||f(x) - f(y)||^2) over distinct pairs of normalised embeddings (Wang and Isola 2020)."""
     return torch.pdist(F.normalize(z, dim=1)).pow(2).mul(-t).exp().mean().log()
+
+
+def output_std(z: torch.Tensor) -> torch.Tensor:
+    """Mean over dimensions of the std over the batch of z / ||z|| (SimSiam's collapse monitor).
+
+    About 1/sqrt(D) for directions spread over the sphere in D dimensions, 0 when every
+    output points the same way (complete collapse).
+    """
+    return F.normalize(z.float(), dim=1).std(0).mean()

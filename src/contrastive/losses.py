@@ -204,3 +204,20 @@ def invaspread_loss(f: torch.Tensor, f_hat: torch.Tensor, temperature: float = 0
     off_diagonal = ~torch.eye(n, dtype=torch.bool, device=f.device)
     spreading = torch.log1p(-log_p[off_diagonal].exp()).sum()
     return -(log_p_hat.diagonal().sum() + spreading) / n
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """D(p, z) = -p.z / (||p|| ||z||), mean over the batch; in [-1, 1] (BYOL and SimSiam chapters).
+
+    p: (N, D) predictions, z: (N, D) targets, row i of each from image i. The
+    stop-gradient is the caller's: pass `z.detach()` (or a target network's
+    output) to keep the gradient from flowing through the target. For unit
+    vectors ||p - z||^2 = 2 - 2 cos, so BYOL's normalised MSE is 2 + 2 D.
+
+    >>> negative_cosine(torch.tensor([[1.0, 0.0]]), torch.tensor([[-2.0, 0.0]]))
+    tensor(1.)
+    """
+    _check_embeddings(p=p, z=z)
+    dtype = torch.promote_types(p.dtype, torch.float32)  # bf16 under autocast: normalise in float32
+    p, z = F.normalize(p.to(dtype), dim=1), F.normalize(z.to(dtype), dim=1)
+    return -(p * z).sum(1).mean()

@@ -101,13 +101,25 @@ def build_backbone(name: str, in_channels: int = 3, width: float = 1.0) -> nn.Mo
 
 
 def projection_mlp(
-    in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, last_bn: bool = False
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    num_layers: int = 2,
+    last_bn: bool = False,
+    batchnorm: bool = True,
 ) -> nn.Sequential:
-    """The projection head g(h): Linear-BN-ReLU repeated, then a final Linear (optionally BN)."""
+    """The projection head g(h): Linear-BN-ReLU repeated, then a final Linear (optionally BN).
+
+    `batchnorm=False` builds the same MLP with no BatchNorm anywhere (`last_bn` is then
+    refused); its hidden Linears get the bias that BN's shift would otherwise provide.
+    """
+    if last_bn and not batchnorm:
+        raise ValueError("last_bn=True asks for a BatchNorm that batchnorm=False removes")
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(num_layers - 1):
-        layers += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(True)]
+        norm = [nn.BatchNorm1d(hidden_dim)] if batchnorm else []
+        layers += [nn.Linear(dim, hidden_dim, bias=not batchnorm), *norm, nn.ReLU(True)]
         dim = hidden_dim
     layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
     if last_bn:

@@ -14,14 +14,17 @@ import inspect
 
 from torch import nn
 
+from .byol import BYOL
 from .cmc import CMC
 from .cpc import CPC
 from .instdisc import InstDisc
 from .invaspread import InvaSpread
 from .moco import MoCo, MoCoV2
 from .simclr import SimCLR
+from .simsiam import SimSiam
 
 METHODS: dict[str, type[nn.Module]] = {
+    "byol": BYOL,
     "cmc": CMC,
     "cpc": CPC,
     "instdisc": InstDisc,
@@ -29,6 +32,7 @@ METHODS: dict[str, type[nn.Module]] = {
     "moco": MoCo,
     "mocov2": MoCoV2,
     "simclr": SimCLR,
+    "simsiam": SimSiam,
 }
 
 

@@ -1,0 +1,84 @@
+"""SimSiam (Chen and He 2021): BYOL without the momentum encoder; the stop-gradient prevents collapse.
+
+Chapter: SimSiam. One network, backbone f and projector, embeds both views,
+z1 and z2; a predictor h maps each to p = h(z). The loss is
+D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 with D the negative cosine,
+`contrastive.losses.negative_cosine`, and sg the stop-gradient: the target
+branch is a constant. The paper reads this as alternating optimisation: the
+targets eta_x are held fixed while the network moves towards them.
+
+Two ablations: `stop_gradient=False` lets the gradient through both branches,
+and `predictor=False` replaces h by the identity; the paper reports collapse
+for both. Each view goes through the network on its own, as in the paper's code.
+
+`output_std` is measured on z, after the projector's last BN (affine-free, as in
+the paper). That BN gives every dimension zero mean and unit variance over the
+batch, so the metric stays near 1/sqrt(D) even when z collapses onto a single
+line through the origin (z_n = s_n u); BYOL's projector has no last BN and its
+`output_std` shows such a collapse.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..augment import SIMCLR_CIFAR, Recipe, augment
+from ..evaluate import output_std
+from ..losses import negative_cosine
+from ..models import projection_mlp
+
+
+class SimSiam(nn.Module):
+    # The paper's SGD rate, 0.05 x B/256, against the profiles' SimCLR 0.5 x B/256.
+    lr_scale = 0.1
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        proj_dim: int = 512,
+        pred_hidden_dim: int = 128,
+        stop_gradient: bool = True,
+        predictor: bool = True,
+        recipe: Recipe = SIMCLR_CIFAR,
+    ):
+        super().__init__()
+        for name, value in (("proj_dim", proj_dim), ("pred_hidden_dim", pred_hidden_dim)):
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.backbone = backbone
+        # The paper's ImageNet heads scaled from 2048 to 512: a 3-layer projector as wide as its output,
+        # BN after every layer including the last, and a predictor with a bottleneck of a quarter.
+        self.projector = projection_mlp(backbone.out_dim, proj_dim, proj_dim, num_layers=3, last_bn=True)
+        self.predictor = projection_mlp(proj_dim, pred_hidden_dim, proj_dim) if predictor else nn.Identity()
+        self.stop_gradient, self.recipe = stop_gradient, recipe
+        self._std: list[torch.Tensor] = []
+
+    def objective(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+        """Projections (N, D) of the two views -> D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2, p = h(z)."""
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        if self.stop_gradient:
+            z1, z2 = z1.detach(), z2.detach()
+        return negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
+
+    def loss(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Augmented views (N, C, H, W) -> the objective of their projections."""
+        z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+        with torch.no_grad():
+            self._std.append((output_std(z1) + output_std(z2)) / 2)
+        return self.objective(z1, z2)
+
+    def forward(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The training step: images (N, C, H, W) uint8 -> the symmetrised loss (indices are not needed)."""
+        return self.loss(augment(images, self.recipe), augment(images, self.recipe))
+
+    training_step = forward
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """SimSiam keeps no state beyond its weights."""
+
+    def epoch_metrics(self) -> dict:
+        """`output_std`: the mean over the epoch's steps of the per-dimension std of z / ||z||
+        (about 1/sqrt(proj_dim) when spread; see the module docstring for what the last BN hides)."""
+        rows, self._std = self._std, []
+        return {"output_std": torch.stack(rows).mean().item()} if rows else {}

@@ -452,3 +452,14 @@ def test_a_profile_with_an_unknown_backbone_or_no_epochs_is_refused_before_any_d
         get_profile("smoke", epochs=0)
     with pytest.raises(ValueError, match="epochs must be at least 1, got -2"):
         train("simclr", "smoke", epochs=-2, data=None, progress=False, log=lambda *_: None)
+
+
+def test_sync_bn_is_refused_on_cpus_and_for_moco_before_any_data_is_loaded(capsys):
+    quiet = dict(data=None, progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="shuffled BN"):
+        train("moco", "smoke", sync_bn=True, **quiet)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sync_bn needs CUDA"):
+            train("simclr", "smoke", sync_bn=True, **quiet)
+        assert main(["train", "--method", "simclr", "--profile", "smoke", "--sync-bn"]) == 2
+        assert "error: sync_bn needs CUDA" in capsys.readouterr().err

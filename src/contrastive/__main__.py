@@ -26,7 +26,7 @@ def _train(args) -> int:
 
     run = train(args.method, profile=args.profile, out_dir=args.out, epochs=args.epochs,
                 seed=args.seed, resume=args.resume, linear_probe=not args.no_linear,
-                method_options=dict(args.option))  # fmt: skip
+                method_options=dict(args.option), sync_bn=args.sync_bn)  # fmt: skip
     cleanup()
     s = run.summary
     print(json.dumps({k: s[k] for k in ("method", "profile", "epochs", "knn_top1", "knn_top1_random_init",
@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="torchrun on GPUs: BatchNorm statistics over all ranks")  # fmt: skip
     p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option views=rgb for CMC (repeatable)")  # fmt: skip
     p.set_defaults(func=_train)

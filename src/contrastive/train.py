@@ -172,6 +172,7 @@ def train(
     method_options: dict | None = None,
     linear_probe: bool = True,
     progress: bool | None = None,
+    sync_bn: bool = False,
     log=print,
 ) -> Run:
     """Train `method` under `profile`, evaluate it and its random init.
@@ -181,6 +182,10 @@ def train(
     continues from the newest readable checkpoint in `out_dir`.
     """
     started = time.perf_counter()
+    if sync_bn and method in ("moco", "mocov2"):
+        raise ValueError("sync_bn would undo MoCo's shuffled BN (its statistics must not span a query's key)")
+    if sync_bn and not torch.cuda.is_available():
+        raise ValueError("sync_bn needs CUDA devices: torch's SyncBatchNorm does not run on CPUs")
     check_method(method, method_options)  # a misspelt name fails now, not after loading the data
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
     if epochs is not None:
@@ -245,6 +250,9 @@ def train(
             model.setup(data.train_images, profile.eval_batch_size)
 
     ddp = model
+    if world > 1 and sync_bn:  # BN statistics over the global batch, as SimCLR's large-batch runs
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None

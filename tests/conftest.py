@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+import contrastive.train as train_module
 from contrastive.data import ImageDataset
 from contrastive.profiles import get_profile
 
@@ -25,3 +26,27 @@ def tiny_data() -> ImageDataset:
 @pytest.fixture
 def tiny_profile():
     return get_profile("smoke", train_size=None, test_size=None, batch_size=50, epochs=2, eval_batch_size=100)
+
+
+@pytest.fixture
+def interrupted_and_resumed(tmp_path, monkeypatch):
+    """run(method, profile, step, **train_kwargs) -> (uninterrupted run, run interrupted at global `step`
+    by a KeyboardInterrupt and then resumed from its last checkpoint)."""
+
+    def run(method, profile, step, **kwargs):
+        full = train_module.train(method, profile, out_dir=tmp_path / "full", **kwargs)
+        real_lr_at = train_module.lr_at
+
+        def interrupt(at, *args):
+            if at == step:
+                raise KeyboardInterrupt
+            return real_lr_at(at, *args)
+
+        monkeypatch.setattr(train_module, "lr_at", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            train_module.train(method, profile, out_dir=tmp_path / "resumed", **kwargs)
+        monkeypatch.setattr(train_module, "lr_at", real_lr_at)
+        resumed = train_module.train(method, profile, out_dir=tmp_path / "resumed", resume=True, **kwargs)
+        return full, resumed
+
+    return run

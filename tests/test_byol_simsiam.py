@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import contrastive.train as train_module
 from contrastive.evaluate import output_std
 from contrastive.losses import negative_cosine
 from contrastive.methods import build_method
@@ -332,23 +331,10 @@ def test_simsiam_trains_through_the_common_loop(tiny_data, tiny_profile):
 
 
 def test_a_byol_run_interrupted_after_epoch_one_and_resumed_matches_an_uninterrupted_run(
-    tmp_path, tiny_data, tiny_profile, monkeypatch
+    tiny_data, tiny_profile, interrupted_and_resumed
 ):
-    quiet = dict(data=tiny_data, **QUIET)
-    full = train("byol", tiny_profile, out_dir=tmp_path / "full", **quiet)
-    real_lr_at = train_module.lr_at
-
-    def interrupt_in_epoch_two(step, *args):
-        if step == 4:  # 4 steps per epoch: the first step of epoch 2
-            raise KeyboardInterrupt
-        return real_lr_at(step, *args)
-
-    monkeypatch.setattr(train_module, "lr_at", interrupt_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        train("byol", tiny_profile, out_dir=tmp_path / "resumed", **quiet)
-    monkeypatch.setattr(train_module, "lr_at", real_lr_at)
-
-    resumed = train("byol", tiny_profile, out_dir=tmp_path / "resumed", resume=True, **quiet)
+    # 4 steps per epoch: interrupted at the first step of epoch 2
+    full, resumed = interrupted_and_resumed("byol", tiny_profile, 4, data=tiny_data, **QUIET)
     a, b = full.method.state_dict(), resumed.method.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.startswith("target.") for k in a)

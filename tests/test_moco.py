@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import contrastive.train as train_module
 from contrastive.methods import build_method
 from contrastive.methods.moco import (
     MOCOV2_CIFAR,
@@ -363,25 +362,12 @@ def test_mocov2_trains_through_the_common_loop(tiny_data, tiny_profile):
 
 
 def test_a_moco_run_interrupted_after_epoch_one_and_resumed_matches_an_uninterrupted_run(
-    tmp_path, tiny_data, tiny_profile, monkeypatch
+    tiny_data, tiny_profile, interrupted_and_resumed
 ):
+    # 4 steps per epoch: interrupted at the first step of epoch 2
     quiet = dict(data=tiny_data, method_options=SMALL, **QUIET)
-    full = train("moco", tiny_profile, out_dir=tmp_path / "full", **quiet)
+    full, resumed = interrupted_and_resumed("moco", tiny_profile, 4, **quiet)
     _check_metrics(full, steps=8, batch=50)
-
-    real_lr_at = train_module.lr_at
-
-    def interrupt_in_epoch_two(step, *args):
-        if step == 4:  # 4 steps per epoch: the first step of epoch 2
-            raise KeyboardInterrupt
-        return real_lr_at(step, *args)
-
-    monkeypatch.setattr(train_module, "lr_at", interrupt_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        train("moco", tiny_profile, out_dir=tmp_path / "resumed", **quiet)
-    monkeypatch.setattr(train_module, "lr_at", real_lr_at)
-
-    resumed = train("moco", tiny_profile, out_dir=tmp_path / "resumed", resume=True, **quiet)
     a, b = full.method.state_dict(), resumed.method.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(full.method.queue, resumed.method.queue)

@@ -27,7 +27,7 @@ from torch import nn
 from ..augment import CIFAR10_MEAN, CIFAR10_STD, Recipe, augment, rgb_to_lab
 from ..distributed import gather_with_grad
 from ..losses import multiview_info_nce
-from ..models import build_backbone
+from ..models import build_backbone, embedding_head
 
 # CMC's recipe: random crop and flip only.
 CMC_CIFAR = Recipe(scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0)
@@ -57,11 +57,6 @@ class LabEncoder(nn.Module):
         return torch.cat(self.views(x), dim=1)
 
 
-def _head(in_dim: int, out_dim: int) -> nn.Sequential:
-    # ReLU features are non-negative; BN centres the embeddings (Chapter 1's finding).
-    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim))
-
-
 class CMC(nn.Module):
     lr_scale = 0.2  # the profiles' SimCLR rate is tuned for tau = 0.5; tau = 0.07 needs smaller steps
 
@@ -85,11 +80,11 @@ class CMC(nn.Module):
                 build_backbone(backbone_name, in_channels=1, width=0.5),
                 build_backbone(backbone_name, in_channels=2, width=0.5),
             )
-            self.heads = nn.ModuleList([_head(self.encoder.l_net.out_dim, feature_dim),
-                                        _head(self.encoder.ab_net.out_dim, feature_dim)])  # fmt: skip
+            nets = (self.encoder.l_net, self.encoder.ab_net)
+            self.heads = nn.ModuleList([embedding_head(net.out_dim, feature_dim) for net in nets])
         else:
             self.encoder = backbone
-            self.heads = nn.ModuleList([_head(backbone.out_dim, feature_dim)])
+            self.heads = nn.ModuleList([embedding_head(backbone.out_dim, feature_dim)])
         self._correct, self._total, self._batch, self._losses = 0, 0, 0, []
 
     def embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

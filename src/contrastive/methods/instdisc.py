@@ -21,6 +21,7 @@ from torch import nn
 from ..augment import Recipe, augment, eval_transform
 from ..distributed import gather_with_grad
 from ..losses import nce_loss
+from ..models import embedding_head
 
 # The paper's CIFAR/ImageNet recipe: milder than SimCLR's (crops of at least 20%, jitter always on).
 INSTDISC_CIFAR = Recipe(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2)
@@ -44,9 +45,7 @@ class InstDisc(nn.Module):
         if not 0 < num_noise:
             raise ValueError(f"num_noise must be positive, got {num_noise}")
         self.backbone = backbone
-        # Backbone features are non-negative (ReLU, then pooling), so a bare linear map puts every
-        # embedding in one narrow cone (mean cosine about 0.9 at initialisation); BN centres them.
-        self.head = nn.Sequential(nn.Linear(backbone.out_dim, feature_dim), nn.BatchNorm1d(feature_dim))
+        self.head = embedding_head(backbone.out_dim, feature_dim)  # BN after the linear map: see there
         self.num_noise, self.temperature = num_noise, temperature
         self.bank_momentum, self.proximal, self.recipe = bank_momentum, proximal, recipe
         self.register_buffer("bank", F.normalize(torch.randn(num_images, feature_dim), dim=1))

@@ -18,6 +18,7 @@ from torch import nn
 from ..augment import Recipe, augment
 from ..distributed import gather_with_grad
 from ..losses import invaspread_loss
+from ..models import embedding_head
 
 # The paper follows InstDisc's recipe: crops of at least 20%, colour jitter always on.
 INVASPREAD_CIFAR = Recipe(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2)
@@ -35,8 +36,7 @@ class InvaSpread(nn.Module):
     ):
         super().__init__()
         self.backbone = backbone
-        # ReLU features are non-negative; BN centres the embeddings (Chapter 1's finding).
-        self.head = nn.Sequential(nn.Linear(backbone.out_dim, feature_dim), nn.BatchNorm1d(feature_dim))
+        self.head = embedding_head(backbone.out_dim, feature_dim)
         self.temperature, self.recipe = temperature, recipe
         self._positive: list[float] = []
 

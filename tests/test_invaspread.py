@@ -150,3 +150,11 @@ def test_invaspread_trains_and_reports_the_positive_probability(tiny_data, tiny_
     for row in run.metrics:
         assert 0 < row["positive_probability"] <= 1
     assert run.metrics[-1]["loss"] < run.metrics[0]["loss"]
+
+
+def test_evenly_spread_confusions_give_a_spreading_term_that_tends_to_one_minus_p0():
+    # Chapter 4, exercise 1: -(N - 1) log(1 - (1 - P0)/(N - 1)) -> 1 - P0 as N grows, from above.
+    p0 = 0.3
+    terms = [-(n - 1) * math.log1p(-(1 - p0) / (n - 1)) for n in (10, 100, 10_000, 1_000_000)]
+    assert all(a > b > 1 - p0 for a, b in zip(terms, terms[1:]))
+    assert abs(terms[-1] - (1 - p0)) < 1e-6

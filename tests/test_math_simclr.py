@@ -233,3 +233,19 @@ def test_uniform_points_on_the_sphere_reach_the_closed_form_and_beat_a_cap():
     expected = -4 + math.log(sphere_moment(d, 4))
     assert abs(uniformity(spread).item() - expected) < 0.02
     assert uniformity(cap).item() > uniformity(spread).item() + 1
+
+
+def test_gradient_with_respect_to_the_positive_and_each_negative_as_chapter_six_exercise_one_states():
+    # d l_i / d z_k = p_ik z_i / tau for a negative k, (p_ij - 1) z_i / tau for the positive j.
+    gen = torch.Generator().manual_seed(5)
+    z = F.normalize(torch.randn(8, 5, generator=gen, dtype=torch.float64), dim=1).requires_grad_(True)
+    i, j, tau = 0, 4, 0.3
+    anchor_loss(z, i, j, tau).backward()
+    with torch.no_grad():
+        p = torch.stack([z[i] @ z[k] for k in range(8)]) / tau
+        p[i] = -math.inf
+        p = p.softmax(0)
+        for k in range(1, 8):
+            expected = (p[k] - (1.0 if k == j else 0.0)) * z[i] / tau
+            assert torch.allclose(z.grad[k], expected, atol=1e-12), k
+        assert not torch.allclose(z.grad[j], p[j] * z[i] / tau, atol=1e-6)  # the positive's -1 matters

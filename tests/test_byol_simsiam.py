@@ -295,6 +295,19 @@ def test_output_std_is_the_per_dimension_std_of_the_normalised_projections(name)
     assert "output_std" not in model.epoch_metrics()  # the epoch's rows were consumed
 
 
+def test_simsiam_prediction_std_is_the_per_dimension_std_of_the_normalised_predictions():
+    model = _method("simsiam")
+    x1, x2 = _views()
+    model.loss(x1, x2)
+    with torch.no_grad():
+        p1, p2 = (F.normalize(model.predictor(model.projector(model.backbone(x))), dim=1) for x in (x1, x2))
+    expected = (p1.std(0).mean() + p2.std(0).mean()) / 2
+    metrics = model.epoch_metrics()
+    assert metrics["prediction_std"] == pytest.approx(expected.item(), rel=1e-5)
+    assert metrics["prediction_std"] != pytest.approx(metrics["output_std"], rel=1e-3)  # p is not z
+    assert model.epoch_metrics() == {}  # both lists were consumed
+
+
 def test_simsiam_last_bn_hides_a_collapse_onto_one_line_that_the_output_std_of_bn_free_outputs_shows():
     model = _method("simsiam")
     gen = torch.Generator().manual_seed(4)
@@ -328,6 +341,7 @@ def test_simsiam_trains_through_the_common_loop(tiny_data, tiny_profile):
     assert isinstance(run.method, SimSiam)
     row = run.metrics[0]
     assert math.isfinite(row["loss"]) and -1 <= row["loss"] <= 1 and 0 < row["output_std"] <= 1
+    assert 0 < row["prediction_std"] <= 1
 
 
 def test_a_byol_run_interrupted_after_epoch_one_and_resumed_matches_an_uninterrupted_run(

@@ -7,7 +7,7 @@ import pytest
 import sympy as sp
 import torch
 
-from contrastive.evaluate import output_std
+from contrastive.evaluate import effective_rank, output_std
 from contrastive.losses import negative_cosine
 from contrastive.methods.byol import target_momentum
 
@@ -110,3 +110,40 @@ def test_collapsed_outputs_have_zero_std_whatever_their_length():
     # collapse to a few directions is not complete collapse: the std stays positive
     two = torch.cat([direction.expand(50, -1), -direction.expand(50, -1)])
     assert output_std(two).item() > 0.01
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. The effective rank: what the output std cannot see
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_effective_rank_is_exp_of_the_entropy_of_the_normalised_singular_values():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    s = torch.linalg.svdvals(z / z.norm(dim=1, keepdim=True))
+    p = s / s.sum()
+    assert effective_rank(z).item() == pytest.approx(math.exp(-(p * p.log()).sum().item()), rel=1e-6)
+    # equal singular values give exactly the dimension: rows of a scaled identity
+    assert effective_rank(3 * torch.eye(7)).item() == pytest.approx(7, rel=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_a_rotated_k_dimensional_collapse_has_effective_rank_k_but_output_std_near_one_over_sqrt_d(k):
+    d, n = 128, 20_000
+    gen = torch.Generator().manual_seed(k)
+    basis, _ = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
+    z = torch.randn(n, k, generator=gen, dtype=torch.float64) @ basis.T
+    assert effective_rank(z).item() == pytest.approx(k, rel=0.02)
+    if k > 1:  # the std sees almost nothing: within 15% of the spread value
+        assert output_std(z).item() * math.sqrt(d) > 0.85
+    spread = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    assert effective_rank(spread).item() > 0.95 * d
+
+
+def test_effective_rank_of_complete_collapse_is_one_and_bad_shapes_are_refused():
+    direction = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
+    lengths = torch.rand(200, 1, generator=torch.Generator().manual_seed(1)) + 0.1
+    assert effective_rank(direction * lengths).item() == pytest.approx(1, abs=1e-5)
+    for bad in (torch.zeros(0, 4), torch.zeros(5)):
+        with pytest.raises(ValueError, match="non-empty"):
+            effective_rank(bad)

@@ -161,3 +161,18 @@ def output_std(z: torch.Tensor) -> torch.Tensor:
     output points the same way (complete collapse).
     """
     return F.normalize(z.float(), dim=1).std(0).mean()
+
+
+def effective_rank(z: torch.Tensor) -> torch.Tensor:
+    """exp(entropy of p_k = s_k / sum s), s the singular values of the rows z / ||z|| (Roy and Vetterli 2007).
+
+    About D for directions spread over the sphere in D dimensions (N >> D), k for directions confined
+    to a k-dimensional subspace however it is rotated, 1 for complete collapse. `output_std` sees only
+    the last of the three: a rotated low-dimensional collapse keeps it near 1/sqrt(D).
+    """
+    if z.dim() != 2 or min(z.shape) == 0:
+        raise ValueError(f"z must be a non-empty (N, D) matrix, got shape {tuple(z.shape)}")
+    s = torch.linalg.svdvals(F.normalize(z.double(), dim=1))
+    p = s / s.sum()
+    p = p[p > 0]
+    return torch.exp(-(p * p.log()).sum()).float()

@@ -12,10 +12,10 @@ and `predictor=False` replaces h by the identity; the paper reports collapse
 for both. Each view goes through the network on its own, as in the paper's code.
 
 `output_std` is measured on z, after the projector's last BN (affine-free, as in
-the paper). That BN gives every dimension zero mean and unit variance over the
-batch, so the metric stays near 1/sqrt(D) even when z collapses onto a single
-line through the origin (z_n = s_n u); BYOL's projector has no last BN and its
-`output_std` shows such a collapse.
+the paper), and `prediction_std` on p. That BN gives every dimension of z zero
+mean and unit variance over the batch, so `output_std` stays near 1/sqrt(D) even
+when z collapses onto a single line through the origin (z_n = s_n u); p has no
+last BN (nor has BYOL's projector), so `prediction_std` shows such a collapse.
 """
 
 from __future__ import annotations
@@ -53,10 +53,13 @@ class SimSiam(nn.Module):
         self.predictor = projection_mlp(proj_dim, pred_hidden_dim, proj_dim) if predictor else nn.Identity()
         self.stop_gradient, self.recipe = stop_gradient, recipe
         self._std: list[torch.Tensor] = []
+        self._pred_std: list[torch.Tensor] = []
 
     def objective(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         """Projections (N, D) of the two views -> D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2, p = h(z)."""
         p1, p2 = self.predictor(z1), self.predictor(z2)
+        with torch.no_grad():
+            self._pred_std.append((output_std(p1) + output_std(p2)) / 2)
         if self.stop_gradient:
             z1, z2 = z1.detach(), z2.detach()
         return negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
@@ -78,7 +81,13 @@ class SimSiam(nn.Module):
         """SimSiam keeps no state beyond its weights."""
 
     def epoch_metrics(self) -> dict:
-        """`output_std`: the mean over the epoch's steps of the per-dimension std of z / ||z||
-        (about 1/sqrt(proj_dim) when spread; see the module docstring for what the last BN hides)."""
-        rows, self._std = self._std, []
-        return {"output_std": torch.stack(rows).mean().item()} if rows else {}
+        """`output_std` and `prediction_std`: the means over the epoch's steps of the per-dimension std of
+        z / ||z|| and of p / ||p|| (about 1/sqrt(proj_dim) when spread; the module docstring says what the
+        last BN hides in the first, which the second, measured after a BN-free layer, shows)."""
+        out = {}
+        for key, name in (("_std", "output_std"), ("_pred_std", "prediction_std")):
+            rows = getattr(self, key)
+            setattr(self, key, [])
+            if rows:
+                out[name] = torch.stack(rows).mean().item()
+        return out

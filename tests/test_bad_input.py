@@ -47,6 +47,14 @@ def _valid(name: str) -> dict:
         "multiview_info_nce": lambda: dict(views=[_x(4, 3), _x(4, 3, seed=1)], temperature=0.5),
         "invaspread_loss": lambda: dict(f=_x(4, 3), f_hat=_x(4, 3, seed=1), temperature=0.5),
         "negative_cosine": lambda: dict(p=_x(4, 3), z=_x(4, 3, seed=1)),
+        "mocov3_loss": lambda: dict(q=_x(4, 3), k=_x(4, 3, seed=1), temperature=0.2),
+        "dino_loss": lambda: dict(
+            student_logits=_x(4, 5),
+            teacher_logits=_x(4, 5, seed=1),
+            center=_x(5, seed=2),
+            student_temp=0.1,
+            teacher_temp=0.04,
+        ),
     }[name]()
 
 
@@ -59,6 +67,8 @@ LOSSES = [
     "multiview_info_nce",
     "invaspread_loss",
     "negative_cosine",
+    "mocov3_loss",
+    "dino_loss",
 ]
 WITH_TEMPERATURE = [name for name in LOSSES if "temperature" in _valid(name)]
 TENSOR_ARGUMENTS = [
@@ -115,6 +125,14 @@ SHAPE_CASES = [
     ("multiview_info_nce", dict(views=[_x(4, 3)]), r"at least two views, got 1"),
     ("invaspread_loss", dict(f_hat=_x(5, 3)), r"f and f_hat .*f \(4, 3\), f_hat \(5, 3\)"),
     ("negative_cosine", dict(z=_x(4, 5)), r"p and z .*p \(4, 3\), z \(4, 5\)"),
+    ("mocov3_loss", dict(k=_x(5, 3)), r"q and k .*q \(4, 3\), k \(5, 3\)"),
+    (
+        "dino_loss",
+        dict(teacher_logits=_x(4, 6)),
+        r"student_logits and teacher_logits .*student_logits \(4, 5\), teacher_logits \(4, 6\)",
+    ),
+    ("dino_loss", dict(center=_x(4)), r"center must be \(5,\) or \(1, 5\), one entry per output; got \(4,\)"),
+    ("dino_loss", dict(center=_x(4, 5)), r"center must be \(5,\) or \(1, 5\).*got \(4, 5\)"),
 ]
 
 EMPTY_CASES = [
@@ -126,6 +144,12 @@ EMPTY_CASES = [
     ("multiview_info_nce", dict(views=[_x(0, 3), _x(0, 3)]), r"non-empty.*\(0, 3\)"),
     ("invaspread_loss", dict(f=_x(0, 3), f_hat=_x(0, 3)), r"f and f_hat .*non-empty.*\(0, 3\)"),
     ("negative_cosine", dict(p=_x(0, 3), z=_x(0, 3)), r"p and z .*non-empty.*\(0, 3\)"),
+    ("mocov3_loss", dict(q=_x(0, 3), k=_x(0, 3)), r"q and k .*non-empty.*\(0, 3\)"),
+    (
+        "dino_loss",
+        dict(student_logits=_x(0, 5), teacher_logits=_x(0, 5)),
+        r"student_logits and teacher_logits .*non-empty.*\(0, 5\)",
+    ),
 ]
 
 
@@ -146,6 +170,13 @@ def test_every_loss_refuses_an_empty_batch():
 def test_a_temperature_that_is_not_positive_and_finite_is_refused(name, temperature):
     with pytest.raises(ValueError, match=r"temperature must be positive and finite \(got "):
         _call(name, {**_valid(name), "temperature": temperature})
+
+
+@pytest.mark.parametrize("argument", ["student_temp", "teacher_temp"])
+@pytest.mark.parametrize("temperature", [0.0, -0.5, 1e-9, float("nan"), float("inf")])
+def test_dino_loss_refuses_either_temperature_unless_positive_and_finite_naming_which(argument, temperature):
+    with pytest.raises(ValueError, match=rf"{argument} must be positive and finite \(got "):
+        _call("dino_loss", {**_valid("dino_loss"), argument: temperature})
 
 
 @pytest.mark.parametrize(
@@ -190,7 +221,7 @@ def test_nan_or_infinite_entries_are_refused_naming_the_argument_its_shape_and_t
 
 def test_every_tensor_argument_is_checked_for_non_finite_entries():
     assert {name for name, _ in TENSOR_ARGUMENTS} == set(LOSSES)
-    assert len(TENSOR_ARGUMENTS) == 3 + 1 + 2 + 2 + 3 + 2 + 2 + 2
+    assert len(TENSOR_ARGUMENTS) == 3 + 1 + 2 + 2 + 3 + 2 + 2 + 2 + 2 + 3
     assert issubclass(NonFiniteInputError, ValueError)  # callers catching ValueError still see it
 
 
@@ -338,6 +369,14 @@ def _random_inputs(name, n, d, scale, temperature, seed, dtype=torch.float32):
         "multiview_info_nce": lambda: dict(views=[r(n, d), r(n, d), r(n, d)], temperature=temperature),
         "invaspread_loss": lambda: dict(f=r(n, d), f_hat=r(n, d), temperature=temperature),
         "negative_cosine": lambda: dict(p=r(n, d), z=r(n, d)),
+        "mocov3_loss": lambda: dict(q=r(n, d), k=r(n, d), temperature=temperature),
+        "dino_loss": lambda: dict(
+            student_logits=r(n, d),
+            teacher_logits=r(n, d),
+            center=r(d),
+            student_temp=temperature,
+            teacher_temp=temperature / 2,
+        ),
     }[name]()
 
 
@@ -369,7 +408,9 @@ def _row_scales(gen, n, dtype=torch.float64):
     return 10.0 ** (torch.rand(n, 1, generator=gen, dtype=dtype) * 6 - 3)
 
 
-@pytest.mark.parametrize("name", ["nt_xent", "multiview_info_nce", "invaspread_loss", "negative_cosine"])
+@pytest.mark.parametrize(
+    "name", ["nt_xent", "multiview_info_nce", "invaspread_loss", "negative_cosine", "mocov3_loss"]
+)
 @settings(max_examples=25, deadline=None)
 @given(temperature=TEMPERATURE, **SIZES)
 def test_losses_that_normalise_are_invariant_to_the_scale_of_each_row(name, n, d, seed, temperature):
@@ -428,9 +469,10 @@ def test_losses_averaged_over_the_batch_ignore_the_order_of_its_rows(name, n, d,
     inputs = _random_inputs(name, n, d, 1.0, temperature, seed, torch.float64)
     kwargs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
-    # the same permutation for every per-image argument; a shared pool (negatives) keeps its order
+    # the same permutation for every per-image argument; what the batch shares (negatives, center) stays
     shuffled = {
-        k: v[perm] if isinstance(v, torch.Tensor) and k != "negatives" else v for k, v in kwargs.items()
+        k: v[perm] if isinstance(v, torch.Tensor) and k not in ("negatives", "center") else v
+        for k, v in kwargs.items()
     }
     if "views" in kwargs:
         shuffled["views"] = [v.detach()[perm] for v in kwargs["views"]]

@@ -16,10 +16,10 @@ class NonFiniteInputError(ValueError):
     """A loss received NaN or infinite entries; the message names the argument."""
 
 
-def _check_temperature(temperature: float) -> None:
+def _check_temperature(temperature: float, name: str = "temperature") -> None:
     if not 1e-6 < temperature < math.inf:
         raise ValueError(
-            f"temperature must be positive and finite (got {temperature}); values near 0 overflow the softmax"
+            f"{name} must be positive and finite (got {temperature}); values near 0 overflow the softmax"
         )
 
 
@@ -221,3 +221,50 @@ def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(p.dtype, torch.float32)  # bf16 under autocast: normalise in float32
     p, z = F.normalize(p.to(dtype), dim=1), F.normalize(z.to(dtype), dim=1)
     return -(p * z).sum(1).mean()
+
+
+def mocov3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """ctr(q, k) = -2 tau mean_i log exp(q_i.k_i/tau) / sum_j exp(q_i.k_j/tau) (MoCo v3 chapter).
+
+    q: (N, D) queries (predictor outputs), k: (N, D) keys from the momentum encoder,
+    both normalised here; row i of k is q_i's positive, the other N - 1 keys its
+    negatives. The factor 2 tau cancels the 1/tau of the gradient with respect to the
+    similarities s_ij = q_i.k_j: d ctr / d s_ij = 2 (softmax(s_i / tau)_j - [i = j]) / N.
+    The stop-gradient on k is the caller's; the method sums ctr(q1, k2) + ctr(q2, k1).
+    """
+    _check_temperature(temperature)
+    _check_embeddings(q=q, k=k)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q, k = F.normalize(q.to(dtype), dim=1), F.normalize(k.to(dtype), dim=1)
+    targets = torch.arange(len(q), device=q.device)
+    return 2 * temperature * F.cross_entropy(q @ k.T / temperature, targets)
+
+
+def dino_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    center: torch.Tensor,
+    student_temp: float = 0.1,
+    teacher_temp: float = 0.04,
+) -> torch.Tensor:
+    """H(P_t, P_s) = -sum_k P_t[k] log P_s[k], mean over the batch (DINO chapter).
+
+    P_t = softmax((t - c) / tau_t), P_s = softmax(s / tau_s): student_logits s and
+    teacher_logits t are (N, K), row i of each from two crops of image i; center c
+    is (K,) or (1, K), subtracted from every teacher row (centering), and tau_t below
+    tau_s sharpens the teacher. The stop-gradient on the teacher is the caller's:
+    pass its logits computed without gradient, as DINO's EMA teacher gives them.
+    """
+    _check_temperature(student_temp, "student_temp")
+    _check_temperature(teacher_temp, "teacher_temp")
+    _check_embeddings(student_logits=student_logits, teacher_logits=teacher_logits)
+    k = student_logits.shape[1]
+    if tuple(center.shape) not in ((k,), (1, k)):
+        raise ValueError(
+            f"center must be ({k},) or (1, {k}), one entry per output; got {tuple(center.shape)}"
+        )
+    _check_finite("center", center)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16 under autocast: softmax in fp32
+    log_p_s = F.log_softmax(student_logits.to(dtype) / student_temp, dim=1)
+    p_t = F.softmax((teacher_logits.to(dtype) - center.to(dtype).view(1, k)) / teacher_temp, dim=1)
+    return -(p_t * log_p_s).sum(1).mean()

@@ -2,16 +2,19 @@
 
 Three backbones, one per profile: a tiny ConvNet for smoke tests, a slim ConvNet
 that learns visibly within minutes on a laptop CPU, and the CIFAR variant of
-ResNet-18 (3x3 stem, no max-pool) for GPUs. Every backbone maps images
-(B, C, H, W) to features (B, out_dim) and exposes `out_dim`; evaluation always
-uses these features, never the projection head's output.
+ResNet-18 (3x3 stem, no max-pool) for GPUs; and a small Vision Transformer in
+three sizes, one per profile as well, for MoCo v3 and DINO. Every backbone maps
+images (B, C, H, W) to features (B, out_dim) and exposes `out_dim`; evaluation
+always uses these features, never the projection head's output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -80,24 +83,145 @@ class ResNet18(nn.Module):
         return self.layers(self.stem(x)).mean(dim=(2, 3))
 
 
-BACKBONES = {
-    "convnet_tiny": (ConvNet, (16, 32, 64)),
-    "convnet_small": (ConvNet, (24, 64, 128, 256)),
-    "resnet18": (ResNet18, (64, 128, 256, 512)),
+class Block(nn.Module):
+    """A pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = round(mlp_ratio * dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v, per head
+        x = x + self.proj(attended.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Vision Transformer for small images: patches -> tokens, a CLS token, pre-norm blocks, final LN.
+
+    The patch projection is a convolution with kernel = stride = patch size, i.e. one
+    shared linear map of every non-overlapping patch. Position embeddings are learned
+    for `image_size`; other sizes (DINO's 16 px local crops) get them resampled
+    bicubically to their patch grid, as in DINO. The feature is the CLS token's output.
+    """
+
+    def __init__(
+        self,
+        dim: int = 192,
+        depth: int = 6,
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+        patch_size: int = 4,
+        image_size: int = 32,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be a multiple of heads {heads}: every head gets dim / heads")
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+        self.patch_size, self.grid = patch_size, image_size // patch_size
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.out_dim = dim
+        self._init_weights(in_channels)
+
+    def _init_weights(self, in_channels: int) -> None:
+        # MoCo v3's initialisation: Xavier-uniform for every linear map, the patch projection
+        # included (seen as a linear map of the flattened patch), so a frozen random projection
+        # keeps the scale of its input.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        fan_in = in_channels * self.patch_size**2
+        bound = math.sqrt(6.0 / (fan_in + self.out_dim))
+        nn.init.uniform_(self.patch_embed.weight, -bound, bound)
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.cls_token, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+
+    def freeze_patch_projection(self) -> ViT:
+        """Keep the patch projection at its random initialisation (MoCo v3's stabilising trick)."""
+        self.patch_embed.requires_grad_(False)
+        return self
+
+    def _position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        if (grid_h, grid_w) == (self.grid, self.grid):
+            return self.pos_embed
+        cls, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patches = patches.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return torch.cat([cls, patches.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(
+        self, x: torch.Tensor, watch: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Images (B, C, H, W) -> CLS features (B, dim).
+
+        `watch`, when given, receives the patch projection's output tokens (B, T, dim) and
+        returns the tokens to use (MoCo v3 hooks the gradient that reaches them).
+        """
+        tokens = self.patch_embed(x)
+        grid = tokens.shape[-2:]
+        tokens = tokens.flatten(2).transpose(1, 2)
+        if watch is not None:
+            tokens = watch(tokens)
+        cls = self.cls_token.expand(len(tokens), -1, -1)
+        tokens = torch.cat([cls, tokens], dim=1) + self._position_embedding(*grid)
+        return self.norm(self.blocks(tokens))[:, 0]
+
+
+# ConvNets and the ResNet: the channel widths. ViTs (patch size 4): token dimension, depth, heads and MLP
+# ratio. vit_small is ViT-S (the paper's MoCo v3 and DINO ViT); the two smaller ones are sized so that a
+# MoCo v3 step costs about 2.5 x a SimCLR step of the ConvNet of the same profile on a CPU (their MLP ratio
+# of 2 instead of 4 saves a third of the FLOPs).
+BACKBONES: dict[str, tuple[type[nn.Module], dict]] = {
+    "convnet_tiny": (ConvNet, dict(widths=(16, 32, 64))),
+    "convnet_small": (ConvNet, dict(widths=(24, 64, 128, 256))),
+    "resnet18": (ResNet18, dict(widths=(64, 128, 256, 512))),
+    "vit_nano": (ViT, dict(dim=48, depth=2, heads=2, mlp_ratio=2.0)),
+    "vit_tiny": (ViT, dict(dim=64, depth=4, heads=4, mlp_ratio=2.0)),
+    "vit_small": (ViT, dict(dim=384, depth=12, heads=6, mlp_ratio=4.0)),
 }
+
+VITS = sorted(name for name, (cls, _) in BACKBONES.items() if cls is ViT)
+# The ViT of the same profile as each backbone, for the methods that need a ViT (MoCo v3).
+VIT_FOR_BACKBONE = {"convnet_tiny": "vit_nano", "convnet_small": "vit_tiny", "resnet18": "vit_small"}
 
 
 def build_backbone(name: str, in_channels: int = 3, width: float = 1.0) -> nn.Module:
     """Build a backbone by name; an unknown name is an error listing the valid ones.
 
-    `width` multiplies every layer's channel count (CMC's half-width encoders use 0.5).
+    `width` multiplies every layer's channel count (CMC's half-width encoders use 0.5), or a
+    ViT's token dimension, rounded to a multiple of its number of heads.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     if not width > 0:
         raise ValueError(f"width must be positive, got {width}")
-    cls, widths = BACKBONES[name]
-    return cls(widths=[max(1, round(width * w)) for w in widths], in_channels=in_channels)
+    cls, config = BACKBONES[name]
+    if cls is ViT:
+        heads = config["heads"]
+        dim = heads * max(1, round(width * config["dim"] / heads))
+        return ViT(**{**config, "dim": dim}, in_channels=in_channels)
+    return cls(widths=[max(1, round(width * w)) for w in config["widths"]], in_channels=in_channels)
+
+
+def in_channels_of(backbone: nn.Module) -> int:
+    """The number of image channels a backbone reads: its first convolution's input channels."""
+    return next(m for m in backbone.modules() if isinstance(m, nn.Conv2d)).in_channels
 
 
 def projection_mlp(
@@ -135,6 +259,28 @@ def embedding_head(in_dim: int, out_dim: int) -> nn.Sequential:
     centres them.
     """
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.BatchNorm1d(out_dim))
+
+
+class DINOHead(nn.Module):
+    """DINO's head: an MLP to a bottleneck, L2-normalised, then a weight-normalised linear layer to K outputs.
+
+    The last layer's gain is fixed at 1 (DINO's `norm_last_layer`), so logit k is the
+    cosine between the bottleneck feature and the k-th row of the last weight.
+    `batchnorm` adds BN after the hidden layers (DINO's `use_bn_in_head`).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 512, bottleneck_dim: int = 128,
+                 batchnorm: bool = False):  # fmt: skip
+        super().__init__()
+        layers: list[nn.Module] = []
+        for dim in (in_dim, hidden_dim):
+            norm = [nn.BatchNorm1d(hidden_dim)] if batchnorm else []
+            layers += [nn.Linear(dim, hidden_dim), *norm, nn.GELU()]
+        self.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, bottleneck_dim))
+        self.last = nn.Parameter(torch.randn(out_dim, bottleneck_dim) / math.sqrt(bottleneck_dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(h), dim=1) @ F.normalize(self.last, dim=1).T
 
 
 def count_parameters(module: nn.Module) -> int:

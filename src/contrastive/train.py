@@ -80,6 +80,21 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> flo
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; biases, norms, CLS tokens and position embeddings get no decay.
+
+    Decay pulls a weight matrix towards 0; on a LayerNorm gain, a bias or a position
+    embedding it only erases what was learned (the ViT recipes of MoCo v3 and DINO).
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            plain = p.ndim <= 1 or name.endswith(("cls_token", "pos_embed"))
+            (no_decay if plain else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Write through `write(file)` to a temporary file, flush it to disk, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -221,8 +236,11 @@ def train(
         profile = dataclasses.replace(profile, epochs=scaled)
     encoder = getattr(model, "encoder", backbone)  # what evaluation reads (CPC: pooled patch features)
     peak_lr = profile.lr * getattr(model, "lr_scale", 1.0)  # profiles' rates are SimCLR's
-    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9,
-                                weight_decay=profile.weight_decay)  # fmt: skip
+    if getattr(model, "adamw_weight_decay", None) is not None:  # ViTs (MoCo v3, DINO), as in their papers
+        optimizer = adamw(model, peak_lr, model.adamw_weight_decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9,
+                                    weight_decay=profile.weight_decay)  # fmt: skip
 
     state = {"epoch": 0, "step": 0, "metrics": [], "random_init": None, "train_seconds": 0.0}
     last_good = None

@@ -5,7 +5,8 @@ when a method has it, adds method-specific numbers to each epoch's metrics;
 `setup(train_images)`, when present, builds per-image state before training;
 `lr_scale` scales the profile's learning rate (which is tuned for SimCLR) and
 `epoch_scale` its number of epochs;
-`encoder`, when present, is what evaluation reads instead of the bare backbone.
+`encoder`, when present, is what evaluation reads instead of the bare backbone;
+`adamw_weight_decay`, when set, trains with AdamW instead of SGD (the ViT methods).
 Per-step state updates (momentum encoders, queues, centers) go in `on_step_end`."""
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from torch import nn
 from .byol import BYOL
 from .cmc import CMC
 from .cpc import CPC
+from .dino import DINO
 from .instdisc import InstDisc
 from .invaspread import InvaSpread
 from .moco import MoCo, MoCoV2
+from .mocov3 import MoCoV3
 from .simclr import SimCLR
 from .simsiam import SimSiam
 
@@ -27,10 +30,12 @@ METHODS: dict[str, type[nn.Module]] = {
     "byol": BYOL,
     "cmc": CMC,
     "cpc": CPC,
+    "dino": DINO,
     "instdisc": InstDisc,
     "invaspread": InvaSpread,
     "moco": MoCo,
     "mocov2": MoCoV2,
+    "mocov3": MoCoV3,
     "simclr": SimCLR,
     "simsiam": SimSiam,
 }

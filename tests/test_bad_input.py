@@ -55,6 +55,7 @@ def _valid(name: str) -> dict:
             student_temp=0.1,
             teacher_temp=0.04,
         ),
+        "clip_loss": lambda: dict(image_emb=_x(4, 3), text_emb=_x(4, 3, seed=1), logit_scale=14.0),
     }[name]()
 
 
@@ -69,6 +70,7 @@ LOSSES = [
     "negative_cosine",
     "mocov3_loss",
     "dino_loss",
+    "clip_loss",
 ]
 WITH_TEMPERATURE = [name for name in LOSSES if "temperature" in _valid(name)]
 TENSOR_ARGUMENTS = [
@@ -133,6 +135,7 @@ SHAPE_CASES = [
     ),
     ("dino_loss", dict(center=_x(4)), r"center must be \(5,\) or \(1, 5\), one entry per output; got \(4,\)"),
     ("dino_loss", dict(center=_x(4, 5)), r"center must be \(5,\) or \(1, 5\).*got \(4, 5\)"),
+    ("clip_loss", dict(text_emb=_x(5, 3)), r"image_emb and text_emb .*image_emb \(4, 3\), text_emb \(5, 3\)"),
 ]
 
 EMPTY_CASES = [
@@ -149,6 +152,11 @@ EMPTY_CASES = [
         "dino_loss",
         dict(student_logits=_x(0, 5), teacher_logits=_x(0, 5)),
         r"student_logits and teacher_logits .*non-empty.*\(0, 5\)",
+    ),
+    (
+        "clip_loss",
+        dict(image_emb=_x(0, 3), text_emb=_x(0, 3)),
+        r"image_emb and text_emb .*non-empty.*\(0, 3\)",
     ),
 ]
 
@@ -221,7 +229,7 @@ def test_nan_or_infinite_entries_are_refused_naming_the_argument_its_shape_and_t
 
 def test_every_tensor_argument_is_checked_for_non_finite_entries():
     assert {name for name, _ in TENSOR_ARGUMENTS} == set(LOSSES)
-    assert len(TENSOR_ARGUMENTS) == 3 + 1 + 2 + 2 + 3 + 2 + 2 + 2 + 2 + 3
+    assert len(TENSOR_ARGUMENTS) == 3 + 1 + 2 + 2 + 3 + 2 + 2 + 2 + 2 + 3 + 2
     assert issubclass(NonFiniteInputError, ValueError)  # callers catching ValueError still see it
 
 
@@ -377,6 +385,7 @@ def _random_inputs(name, n, d, scale, temperature, seed, dtype=torch.float32):
             student_temp=temperature,
             teacher_temp=temperature / 2,
         ),
+        "clip_loss": lambda: dict(image_emb=r(n, d), text_emb=r(n, d), logit_scale=1 / temperature),
     }[name]()
 
 
@@ -409,7 +418,8 @@ def _row_scales(gen, n, dtype=torch.float64):
 
 
 @pytest.mark.parametrize(
-    "name", ["nt_xent", "multiview_info_nce", "invaspread_loss", "negative_cosine", "mocov3_loss"]
+    "name",
+    ["nt_xent", "multiview_info_nce", "invaspread_loss", "negative_cosine", "mocov3_loss", "clip_loss"],
 )
 @settings(max_examples=25, deadline=None)
 @given(temperature=TEMPERATURE, **SIZES)

@@ -268,3 +268,37 @@ def dino_loss(
     log_p_s = F.log_softmax(student_logits.to(dtype) / student_temp, dim=1)
     p_t = F.softmax((teacher_logits.to(dtype) - center.to(dtype).view(1, k)) / teacher_temp, dim=1)
     return -(p_t * log_p_s).sum(1).mean()
+
+
+def clip_loss(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: float | torch.Tensor
+) -> torch.Tensor:
+    """(CE(s I T^T, diag) + CE(s T I^T, diag)) / 2 over normalised rows I, T; s = 1/tau (CLIP chapter).
+
+    image_emb, text_emb: (N, D), row i of each from the same pair, unnormalised
+    (normalised here). The N x N similarities scaled by `logit_scale` s are read
+    row-wise (each image picks its caption among the N) and column-wise (each
+    caption picks its image): the mean of two InfoNCE losses, one per direction.
+    `logit_scale` is a positive number or a 0-d tensor, so a learned scale gets
+    its gradient; the caller exponentiates its log-scale and clamps it at 100.
+
+    >>> clip_loss(torch.eye(3), torch.eye(3), 100.0) < 1e-6
+    tensor(True)
+    """
+    _check_embeddings(image_emb=image_emb, text_emb=text_emb)
+    # A Python float stays exact in float64 until it meets the embeddings' dtype; a tensor keeps its graph.
+    scale = (
+        logit_scale if torch.is_tensor(logit_scale) else torch.tensor(float(logit_scale), dtype=torch.float64)
+    )
+    if scale.dim() != 0:
+        raise ValueError(f"logit_scale must be a number or a 0-d tensor, got shape {tuple(scale.shape)}")
+    _check_finite("logit_scale", scale)
+    if not float(scale.detach()) > 0:
+        raise ValueError(f"logit_scale must be positive (got {float(scale.detach())}); it is 1/temperature, "
+                         "so pass the exponential of the learned log-scale")  # fmt: skip
+    dtype = torch.promote_types(image_emb.dtype, torch.float32)  # bf16 under autocast: softmax in fp32
+    image = F.normalize(image_emb.to(dtype), dim=1)
+    text = F.normalize(text_emb.to(dtype), dim=1)
+    logits = scale.to(dtype) * (image @ text.T)
+    targets = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2

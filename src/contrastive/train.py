@@ -10,6 +10,7 @@ epoch and `resume=True` continues bit-for-bit on the CPU.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -265,7 +266,10 @@ def train(
         state["random_init"] = evaluate_backbone(encoder, data, profile.eval_batch_size,
                                                  linear=linear_probe)  # fmt: skip
         if hasattr(model, "setup"):  # per-image state (a memory bank) built from the untrained encoder
-            model.setup(data.train_images, profile.eval_batch_size)
+            # CLIP's captions are generated from the labels (and the images) before training
+            wants_labels = "train_labels" in inspect.signature(model.setup).parameters
+            labels = {"train_labels": data.train_labels} if wants_labels else {}
+            model.setup(data.train_images, profile.eval_batch_size, **labels)
 
     ddp = model
     if world > 1 and sync_bn:  # BN statistics over the global batch, as SimCLR's large-batch runs

@@ -2,7 +2,8 @@
 is its training step: it receives a uint8 batch on the device and the batch's
 dataset indices, draws its own views, and returns the loss. `epoch_metrics()`,
 when a method has it, adds method-specific numbers to each epoch's metrics;
-`setup(train_images)`, when present, builds per-image state before training;
+`setup(train_images, batch_size[, train_labels])`, when present, builds per-image state
+before training (CLIP's captions need the labels);
 `lr_scale` scales the profile's learning rate (which is tuned for SimCLR) and
 `epoch_scale` its number of epochs;
 `encoder`, when present, is what evaluation reads instead of the bare backbone;
@@ -16,6 +17,7 @@ import inspect
 from torch import nn
 
 from .byol import BYOL
+from .clip import CLIP
 from .cmc import CMC
 from .cpc import CPC
 from .dino import DINO
@@ -28,6 +30,7 @@ from .simsiam import SimSiam
 
 METHODS: dict[str, type[nn.Module]] = {
     "byol": BYOL,
+    "clip": CLIP,
     "cmc": CMC,
     "cpc": CPC,
     "dino": DINO,

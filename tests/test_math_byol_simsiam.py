@@ -147,3 +147,37 @@ def test_effective_rank_of_complete_collapse_is_one_and_bad_shapes_are_refused()
     for bad in (torch.zeros(0, 4), torch.zeros(5)):
         with pytest.raises(ValueError, match="non-empty"):
             effective_rank(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. The negative cosine turns q and never changes its length; the predictor estimates the mean
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_the_negative_cosine_gradient_is_the_closed_form_and_orthogonal_to_q():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(negative_cosine(q, z) * len(q), q)
+    q_hat, z_hat = q.detach() / q.detach().norm(dim=1, keepdim=True), z / z.norm(dim=1, keepdim=True)
+    cos = (q_hat * z_hat).sum(1, keepdim=True)
+    assert torch.allclose(grad, -(z_hat - cos * q_hat) / q.detach().norm(dim=1, keepdim=True), atol=1e-12)
+    assert (grad * q.detach()).sum(1).abs().max() < 1e-12
+    # without the cos * q_hat term the gradient would have a radial part
+    assert ((-z_hat / q.detach().norm(dim=1, keepdim=True)) * q.detach()).sum(1).abs().max() > 0.01
+
+
+def test_the_least_squares_predictor_of_one_view_from_the_other_is_the_conditional_mean():
+    s_x, s_e, w = sp.symbols("sigma_x sigma_e w", positive=True)
+    risk = w**2 * (s_x**2 + s_e**2) - 2 * w * s_x**2 + s_x**2 + s_e**2  # E (w z1 - z2)^2, z_i = x + e_i
+    w_star = sp.solve(sp.diff(risk, w), w)[0]
+    assert sp.simplify(w_star - s_x**2 / (s_x**2 + s_e**2)) == 0
+    gen = torch.Generator().manual_seed(0)
+    m, dim, sx, se = 50_000, 8, 1.0, 0.75
+    x = sx * torch.randn(m, dim, generator=gen, dtype=torch.float64)
+    v1, v2 = (x + se * torch.randn(m, dim, generator=gen, dtype=torch.float64) for _ in range(2))
+    slope = torch.linalg.lstsq(v1, v2).solution
+    expected = sx**2 / (sx**2 + se**2)
+    assert torch.allclose(slope, expected * torch.eye(dim, dtype=torch.float64), atol=0.01)
+    # the prediction is closer to eta_x = x than one sample of the other view
+    assert (v1 @ slope - x).pow(2).sum(1).mean() < 0.7 * (v1 - x).pow(2).sum(1).mean()

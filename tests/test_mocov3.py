@@ -289,8 +289,9 @@ def _rank_main(rank, world, port, out):
     torch.set_num_threads(1)  # two processes share the CPU
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model = _method()
-        x1, x2 = _views()
+        # float64, so that the two reduction orders (per rank + all_reduce, one process) agree to 1e-10
+        model = _method().double()
+        x1, x2 = (v.double() for v in _views())
         mine = slice(rank * 4, (rank + 1) * 4)
         loss = model.loss(x1[mine], x2[mine])
         loss.backward()
@@ -314,13 +315,13 @@ def test_over_two_ranks_the_loss_and_gradients_are_those_of_one_process_with_key
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    model = _method()
+    model = _method().double()
     size = sum(p.numel() for p in model._base_parameters() if p.requires_grad)
-    out = torch.zeros(2, size + 2).share_memory_()
+    out = torch.zeros(2, size + 2, dtype=torch.float64).share_memory_()
     mp.spawn(_rank_main, args=(2, port, out), nprocs=2, join=True)
 
     # One process, with each rank's 4 images through the heads' BN as one group, as on the ranks.
-    x1, x2 = _views()
+    x1, x2 = (v.double() for v in _views())
     tokens = []
 
     def keep(t):
@@ -339,8 +340,8 @@ def test_over_two_ranks_the_loss_and_gradients_are_those_of_one_process_with_key
     loss.backward()
     grad = torch.cat([p.grad.flatten() for p in model._base_parameters() if p.grad is not None])
     for rank in range(2):
-        assert out[rank, -2].item() == pytest.approx(loss.item(), rel=1e-6)
-        assert torch.allclose(out[rank, :size], grad, rtol=1e-4, atol=1e-7)
+        assert out[rank, -2].item() == pytest.approx(loss.item(), rel=1e-12)
+        assert torch.allclose(out[rank, :size], grad, rtol=1e-9, atol=1e-12)
         # rank r's tokens: its 4 images in view 1 (tokens[r]) and in view 2 (tokens[2 + r])
         norm = (tokens[rank].grad.norm() ** 2 + tokens[2 + rank].grad.norm() ** 2).sqrt()
         assert out[rank, -1].item() == pytest.approx(norm.item(), rel=1e-5)

@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROFILE ?=
 JB_FLAGS := -W -n --keep-going
 
-.PHONY: install book test test-fast execute lint bench clean
+.PHONY: install book check-html landing-table timeline test test-fast execute lint bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,20 @@ install: $(STAMP)
 book: $(STAMP)
 	$(BIN)/jupyter-book build . $(JB_FLAGS)
 	@echo "open _build/html/index.html"
+
+## The rendered book as a reader sees it: every page in headless Chromium (Debian's chromium and
+## chromium-driver), failing on MathJax errors, raw TeX, broken images and links, console errors
+## and missing chapters; screenshots in _build/screenshots. Builds the book first (incrementally).
+check-html: book
+	$(BIN)/python scripts/check_html.py --html _build/html --toc _toc.yml --screenshots _build/screenshots
+
+## The landing page's table of what each chapter's outputs were run on, from the notebooks' metadata.
+landing-table: $(STAMP)
+	$(BIN)/python scripts/landing_table.py --write
+
+## The landing page's timeline, an SVG whose methods link to their chapters.
+timeline: $(STAMP)
+	$(BIN)/python scripts/make_timeline.py
 
 ## Every test: unit and math tests, every notebook re-run under the smoke profile, the book build.
 test: $(STAMP)

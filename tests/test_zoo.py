@@ -1,0 +1,182 @@
+"""The book's reference pages stay true to what they point at.
+
+The objective zoo (book/zoo.md) cites theorems and tests by name, the notation
+page names chapters, the landing page's table copies each notebook's metadata
+and its timeline links to the chapters, and every chapter ends with exercises.
+Each of these can drift when a chapter or a test is renamed; these tests fail
+when it does.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from contrastive import losses
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK = ROOT / "book"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import check_html  # noqa: E402 - scripts beside the package, not installed modules
+import landing_table  # noqa: E402
+import make_timeline  # noqa: E402
+
+ZOO = (BOOK / "zoo.md").read_text(encoding="utf-8")
+NOTATION = (BOOK / "notation.md").read_text(encoding="utf-8")
+# Functions of contrastive.losses that are not objectives the book trains with.
+NOT_LOSSES = {"smooth_max": "the Introduction's log-sum-exp, a tool for reading the losses, not one itself"}
+
+
+def chapter_notebooks() -> list[Path]:
+    names = check_html.toc_files(ROOT / "_toc.yml")
+    return [ROOT / f"{n}.ipynb" for n in names if (ROOT / f"{n}.ipynb").is_file()]
+
+
+def markdown_of(notebook: Path) -> str:
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    return "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+
+
+def theorem_labels() -> set[str]:
+    texts = [markdown_of(nb) for nb in BOOK.glob("*.ipynb")] + [p.read_text() for p in BOOK.glob("*.md")]
+    return {label for text in texts for label in re.findall(r"^:label: (\S+)$", text, re.M)}
+
+
+def defined_functions(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+
+
+# --------------------------------------------------------------------------- the objective zoo
+
+
+def test_every_test_the_zoo_cites_exists():
+    cited = re.findall(r"tests/(test_\w+\.py)::(test_\w+)", ZOO)
+    assert len(cited) >= 40, "the zoo should name the tests behind each property"
+    files = {f: ROOT / "tests" / f for f, _ in cited}
+    defined = {f: defined_functions(path) if path.is_file() else set() for f, path in files.items()}
+    missing = [f"tests/{f}::{t}" for f, t in cited if t not in defined[f]]
+    assert not missing, f"book/zoo.md cites tests that do not exist: {missing}"
+
+
+def test_every_theorem_the_zoo_references_is_labelled_in_a_chapter():
+    referenced = set(re.findall(r"\{prf:ref\}`([^`]+)`", ZOO))
+    assert len(referenced) >= 20
+    unknown = referenced - theorem_labels()
+    assert not unknown, f"book/zoo.md refers to theorems no chapter labels: {sorted(unknown)}"
+
+
+def test_the_first_code_cell_after_each_theorem_the_zoo_cites_asserts_it():
+    referenced = set(re.findall(r"\{prf:ref\}`([^`]+)`", ZOO))
+    verified = set()
+    for notebook in BOOK.glob("*.ipynb"):
+        cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+        for i, cell in enumerate(cells):
+            labels = re.findall(r"^:label: (\S+)$", "".join(cell["source"]), re.M)
+            if cell["cell_type"] != "markdown" or not labels:
+                continue
+            after = next((c for c in cells[i + 1 :] if c["cell_type"] == "code"), None)
+            if after is not None and "assert" in "".join(after["source"]):
+                verified.update(labels)
+    assert referenced - verified == set(), "the zoo promises a verifying cell after each of these theorems"
+
+
+def test_every_loss_of_the_package_has_its_section_in_the_zoo():
+    functions = [name for name, f in inspect.getmembers(losses, inspect.isfunction)
+                 if f.__module__ == losses.__name__ and not name.startswith("_")]  # fmt: skip
+    assert "nt_xent" in functions and "clip_loss" in functions
+    absent = [name for name in functions if name not in NOT_LOSSES and f"`{name}(" not in ZOO]
+    assert not absent, f"book/zoo.md does not show how to call {absent}: add each loss to the zoo"
+
+
+def test_every_chapter_the_zoo_names_is_in_the_table_of_contents():
+    toc = {Path(n).name for n in check_html.toc_files(ROOT / "_toc.yml")}
+    named = set(re.findall(r"\{doc\}`([^`<]+)`", ZOO)) | set(re.findall(r"\{doc\}`([^`<]+)`", NOTATION))
+    assert named - toc == set()
+
+
+def test_the_appendix_pages_are_in_the_toc_before_the_bibliography():
+    order = check_html.toc_files(ROOT / "_toc.yml")
+    assert order.index("book/notation") < order.index("book/bibliography")
+    assert order.index("book/zoo") < order.index("book/bibliography")
+
+
+# --------------------------------------------------------------------------- the notation page
+
+
+@pytest.mark.parametrize("symbol", [r"$\tau$", "$K$", "$N$", "$B$", "$m$", "$q$, $k_+$", "$z = g(h)$",
+                                    "$v$, $v'$", "$P_t$, $P_s$", r"$s = 1/\tau$", "$h = f(x)$"])  # fmt: skip
+def test_the_notation_page_defines_the_books_core_symbols(symbol):
+    rows = [line for line in NOTATION.splitlines() if line.startswith(f"| {symbol}")]
+    assert rows, f"book/notation.md has no row that starts with {symbol}"
+
+
+# --------------------------------------------------------------------------- the landing page
+
+
+def test_the_landing_table_matches_every_notebooks_metadata():
+    stored = landing_table.stored_table((BOOK / "intro.md").read_text(encoding="utf-8"))
+    assert stored == landing_table.table(), (
+        "book/intro.md's table of what each chapter was run on is out of date: "
+        "run `python scripts/landing_table.py --write`"
+    )
+
+
+def test_a_landing_row_copies_the_metadata_and_marks_a_notebook_never_run(tmp_path):
+    run = {"profile": "gpu", "device": "NVIDIA H200", "torch": "2.13.0", "date": "2026-12-02 10:00 UTC",
+           "seconds": 754.0, "commit": "abc"}  # fmt: skip
+    cells = [{"cell_type": "markdown", "source": ["# CPC: InfoNCE\n", "text"], "metadata": {}}]
+    ran = tmp_path / "02_cpc.ipynb"
+    ran.write_text(json.dumps({"cells": cells, "metadata": {"contrastive": run}}))
+    never = tmp_path / "09_simsiam.ipynb"
+    never.write_text(json.dumps({"cells": cells, "metadata": {}}))
+    expected = "| {doc}`CPC <02_cpc>` | `gpu` | NVIDIA H200 | 2.13.0 | 2026-12-02 | 13 min |"
+    assert landing_table.row(ran) == expected
+    assert "outputs not stored yet" in landing_table.row(never)
+    del run["seconds"]
+    ran.write_text(json.dumps({"cells": cells, "metadata": {"contrastive": run}}))
+    with pytest.raises(ValueError, match="lacks seconds"):
+        landing_table.row(ran)
+
+
+def test_replacing_the_landing_table_keeps_the_rest_of_the_page():
+    page = "intro\n% BEGIN landing-table\nold\nrows\n% END landing-table\noutro\n"
+    expected = "intro\n% BEGIN landing-table\nnew\n% END landing-table\noutro\n"
+    assert landing_table.replace_table(page, "new") == expected
+    with pytest.raises(ValueError, match="put the markers back"):
+        landing_table.replace_table("no markers", "new")
+
+
+def test_the_timeline_links_every_method_to_a_chapter_of_the_book():
+    from contrastive.plotting import TIMELINE
+
+    svg = (BOOK / "images" / "timeline.svg").read_text(encoding="utf-8")
+    links = set(check_html.parse_page(svg).links)
+    chapters = {make_timeline.CHAPTERS[name] + ".html" for _, name, _ in TIMELINE}
+    assert links == chapters, "book/images/timeline.svg is stale: run `python scripts/make_timeline.py`"
+    toc = {Path(n).name for n in check_html.toc_files(ROOT / "_toc.yml")}
+    assert {c.removesuffix(".html") for c in chapters} <= toc
+    assert "{raw} html\n:file: images/timeline.svg" in (BOOK / "intro.md").read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- exercises
+
+
+@pytest.mark.parametrize("notebook", chapter_notebooks(), ids=lambda p: p.stem)
+def test_every_chapter_ends_with_a_derivation_a_code_change_and_an_experiment_solved_in_dropdowns(notebook):
+    text = markdown_of(notebook)
+    headings = re.findall(r"^## (.+)$", text, re.M)
+    assert headings and headings[-1] == "Exercises", f"{notebook.name}: the last section is not Exercises"
+    exercises = text[text.rindex("## Exercises") :]
+    kinds = dict(re.findall(r"^(\d+)\. \*\*(\w+)\.\*\*", exercises, re.M))
+    assert {"Derivation", "Code", "Experiment"} <= set(kinds.values()), f"{notebook.name}: {kinds}"
+    solved = set(re.findall(r"^````\{admonition\} Solution to (\d+)\n:class: dropdown$", exercises, re.M))
+    unsolved = sorted(set(kinds) - solved)
+    assert not unsolved, f"{notebook.name}: exercises {unsolved} lack a solution in a dropdown admonition"

@@ -45,17 +45,29 @@ def _eval(args) -> int:
 
 
 def _bench(args) -> int:
-    from .bench import bench_augment, format_table
-    from .data import load_cifar10
+    from .bench import bench_all, bench_augment, bench_step, format_step_table, format_table
 
     if args.what == "augment":
+        from .data import load_cifar10
+
         images = load_cifar10().train_images[: max(args.batch_sizes)]
         rows = bench_augment(batch_sizes=tuple(args.batch_sizes), images=images, seconds=args.seconds)
         print(format_table(rows))
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump(rows, fh, indent=2)
-            print(f"wrote {args.json}")
+    else:
+        timing = dict(warmup=args.warmup, windows=args.windows, steps_per_window=args.steps_per_window)
+        if args.what == "step":
+            if not args.method:
+                raise ValueError("bench step needs --method NAME")
+            rows = [bench_step(args.method, args.profile, args.batch_size, **timing)]
+        else:
+            if args.batch_size:
+                timing["batch_size"] = args.batch_size
+            rows = bench_all(profile=args.profile, **timing)
+        print(format_step_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -86,10 +98,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("bench", help="measure throughput")
-    p.add_argument("what", choices=["augment"])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 512, 1024])
-    p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    p = sub.add_parser("bench", help="measure throughput: the augmentation, one method's step, every method")
+    p.add_argument("what", choices=["augment", "step", "all"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 512, 1024], help="augment only")
+    p.add_argument("--seconds", type=float, default=3.0, help="augment: timed seconds per measurement")
+    p.add_argument("--method", choices=sorted(METHODS), default=None, help="step: the method to time")
+    p.add_argument("--profile", choices=list(PROFILES), default=None, help="step, all: default as for train")
+    p.add_argument("--batch-size", type=int, default=None, help="step, all: default the profile's")
+    p.add_argument("--warmup", type=int, default=3, help="step, all: untimed steps first")
+    p.add_argument("--windows", type=int, default=5, help="step, all: timed windows (the median is kept)")
+    p.add_argument("--steps-per-window", type=int, default=3, help="step, all: steps per timed window")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=_bench)
 

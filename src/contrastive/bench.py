@@ -138,3 +138,174 @@ def format_table(rows: Sequence[dict]) -> str:
     ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join([title, *lines])
+
+
+# ---- one method's training step ----------------------------------------------------------------
+
+STEP_FIELDS = (
+    "method", "profile", "device", "batch_size", "images_per_second", "window_images_per_second",
+    "warmup_steps", "steps_per_window", "peak_memory_bytes", "peak_memory_kind", "torch", "commit",
+)  # fmt: skip
+
+
+def time_steps(
+    step: Callable[[], object],
+    images_per_step: int,
+    device: torch.device,
+    warmup: int = 3,
+    windows: int = 5,
+    steps_per_window: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict:
+    """Median images/s over `windows` timed windows of `steps_per_window` calls of `step`.
+
+    The first `warmup` calls are run and not timed (lazy initialisation, allocator
+    growth, autotuning, compilation). On CUDA each window is timed with events,
+    which measure the queued kernels rather than the Python loop; elsewhere with
+    `clock`. The median, not the mean, so one window disturbed by another process
+    does not move the figure.
+    """
+    if warmup < 0 or windows < 1 or steps_per_window < 1:
+        raise ValueError(f"need warmup >= 0, windows >= 1 and steps_per_window >= 1; got {warmup}, "
+                         f"{windows}, {steps_per_window}")  # fmt: skip
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    rates = []
+    for _ in range(windows):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps_per_window):
+                step()
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            began = clock()
+            for _ in range(steps_per_window):
+                step()
+            seconds = clock() - began
+        rates.append(steps_per_window * images_per_step / max(seconds, 1e-12))
+    ordered = sorted(rates)
+    middle = len(ordered) // 2
+    median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+    return {"images_per_second": median, "window_images_per_second": rates, "warmup_steps": warmup,
+            "steps_per_window": steps_per_window}  # fmt: skip
+
+
+def _peak_memory(device: torch.device) -> tuple[int | None, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    import resource
+
+    # ru_maxrss is in KiB on Linux: the process's high-water mark, so `bench all` measures each method
+    # in a process of its own.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
+
+
+def bench_step(method: str, profile: str | None = None, batch_size: int | None = None, warmup: int = 3,
+               windows: int = 5, steps_per_window: int = 3, options: dict | None = None) -> dict:  # fmt: skip
+    """Training images/s and peak memory of one method's full step (views, forward, backward, optimiser
+    step, per-step hook) on the profile's device, backbone and batch size, on random uint8 images."""
+    from .methods import build_method, check_method
+    from .models import build_backbone
+    from .profiles import get_profile
+    from .train import build_optimizer, git_commit
+
+    check_method(method, options)
+    prof = get_profile(profile)
+    device = torch.device(prof.device)
+    batch = batch_size or prof.batch_size
+    if batch < 2:
+        raise ValueError(f"batch_size must be at least 2, got {batch}")
+    torch.manual_seed(0)
+    pool = 4 * batch  # enough images for per-image state (memory banks, captions) to be indexed at random
+    images = torch.randint(0, 256, (pool, 3, 32, 32), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, 10, (pool,), device=device)
+    model = build_method(method, build_backbone(prof.backbone), pool, backbone_name=prof.backbone,
+                         **(options or {})).to(device)  # fmt: skip
+    model = model.to(memory_format=torch.channels_last)
+    if hasattr(model, "setup"):
+        import inspect
+
+        wants_labels = "train_labels" in inspect.signature(model.setup).parameters
+        model.setup(images, prof.eval_batch_size, **({"train_labels": labels} if wants_labels else {}))
+    optimizer, _ = build_optimizer(model, prof)
+    runner = torch.compile(model) if prof.compile and device.type == "cuda" else model
+    use_amp = prof.amp and device.type == "cuda"
+    total = warmup + windows * steps_per_window
+    counter = {"step": 0}
+
+    def step():
+        idx = torch.randint(0, pool, (batch,), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = runner(images[idx], idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        model.on_step_end(counter["step"], total)
+        counter["step"] += 1
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.train()
+    timing = time_steps(step, batch, device, warmup, windows, steps_per_window)
+    peak, kind = _peak_memory(device)
+    from .train import device_description
+
+    return {"method": method, "profile": prof.name, "device": device_description(device), "batch_size": batch,
+            **timing, "peak_memory_bytes": peak, "peak_memory_kind": kind, "torch": torch.__version__,
+            "commit": git_commit()}  # fmt: skip
+
+
+def check_step_row(row: dict) -> dict:
+    """Refuse a `bench_step` row that lacks a field or holds an impossible value; return it unchanged."""
+    missing = [f for f in STEP_FIELDS if f not in row]
+    if missing:
+        raise ValueError(f"benchmark row lacks {missing}")
+    if not (row["images_per_second"] > 0 and all(r > 0 for r in row["window_images_per_second"])):
+        raise ValueError(f"benchmark row has a non-positive rate: {row['images_per_second']}")
+    if row["peak_memory_kind"] not in ("cuda_max_allocated", "process_max_rss"):
+        raise ValueError(f"unknown peak_memory_kind {row['peak_memory_kind']!r}")
+    return row
+
+
+def bench_all(methods: Sequence[str] | None = None, profile: str | None = None, **step_options) -> list[dict]:
+    """`bench_step` for every method, each in a fresh Python process so that peak memory is its own."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    from .methods import METHODS
+
+    rows = []
+    for name in methods or sorted(METHODS):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = f"{tmp}/row.json"
+            argv = [sys.executable, "-m", "contrastive", "bench", "step", "--method", name, "--json", out]
+            if profile:
+                argv += ["--profile", profile]
+            for key, value in step_options.items():
+                argv += [f"--{key.replace('_', '-')}", str(value)]
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"bench step --method {name} failed:\n{done.stderr.strip()}")
+            with open(out) as fh:
+                rows.append(check_step_row(json.load(fh)[0]))
+    return rows
+
+
+def format_step_table(rows: Sequence[dict]) -> str:
+    """An aligned text table of `bench_step` rows: images/s and peak memory per method."""
+    if not rows:
+        return "no benchmark rows"
+    first = rows[0]
+    head = f"training step throughput, profile {first['profile']}, {first['device']}, torch {first['torch']}"
+    lines = [head, f"{'method':12s}{'batch':>7s}{'images/s':>11s}{'peak memory (MiB)':>20s}  kind"]
+    for r in rows:
+        peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:,.0f}"
+        lines.append(f"{r['method']:12s}{r['batch_size']:7d}{r['images_per_second']:11,.0f}{peak:>20s}  "
+                     f"{r['peak_memory_kind']}")  # fmt: skip
+    return "\n".join(lines)

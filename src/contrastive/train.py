@@ -96,6 +96,16 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def build_optimizer(model: torch.nn.Module, profile: Profile) -> tuple[torch.optim.Optimizer, float]:
+    """The method's optimiser and peak learning rate: the profile's (SimCLR's) rate times the method's
+    `lr_scale`; AdamW for methods that set `adamw_weight_decay` (ViTs, CLIP), else SGD with momentum."""
+    peak_lr = profile.lr * getattr(model, "lr_scale", 1.0)
+    if getattr(model, "adamw_weight_decay", None) is not None:  # as in the MoCo v3, DINO and CLIP papers
+        return adamw(model, peak_lr, model.adamw_weight_decay), peak_lr
+    sgd = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, weight_decay=profile.weight_decay)
+    return sgd, peak_lr
+
+
 def atomic_write_bytes(path: Path, write) -> None:
     """Write through `write(file)` to a temporary file, flush it to disk, then rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -236,12 +246,7 @@ def train(
         scaled = max(min(2, profile.epochs), round(profile.epochs * model.epoch_scale))  # two, to see a trend
         profile = dataclasses.replace(profile, epochs=scaled)
     encoder = getattr(model, "encoder", backbone)  # what evaluation reads (CPC: pooled patch features)
-    peak_lr = profile.lr * getattr(model, "lr_scale", 1.0)  # profiles' rates are SimCLR's
-    if getattr(model, "adamw_weight_decay", None) is not None:  # ViTs (MoCo v3, DINO), as in their papers
-        optimizer = adamw(model, peak_lr, model.adamw_weight_decay)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9,
-                                    weight_decay=profile.weight_decay)  # fmt: skip
+    optimizer, peak_lr = build_optimizer(model, profile)
 
     state = {"epoch": 0, "step": 0, "metrics": [], "random_init": None, "train_seconds": 0.0}
     last_good = None

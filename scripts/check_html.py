@@ -375,14 +375,29 @@ def open_page(driver, url: str, timeout: float) -> dict:
     return driver.execute_async_script(SETTLE_JS, int(timeout * 1000))
 
 
+def mathjax_trouble(settle: dict, report: dict) -> bool:
+    """Whether MathJax failed on the page, or the page has math but no MathJax was found."""
+    if settle["mathjax"] not in ("ok", "absent"):
+        return True
+    return settle["mathjax"] == "absent" and report["mathNodes"] > 0
+
+
 def check_page(driver, base_url: str, page: str, resolver: LinkResolver, timeout: float) -> PageResult:
     started = time.perf_counter()
     problems: list[str] = []
-    try:
-        settle = open_page(driver, base_url + page, timeout)
-        report = driver.execute_script(PAGE_REPORT_JS)
-    except Exception as error:  # a hung page or a crashed renderer: report it against the page
-        return PageResult(page, [f"the page did not load and settle within {timeout:.0f} s: {error}"])
+    for attempt in (1, 2):
+        try:
+            settle = open_page(driver, base_url + page, timeout)
+            report = driver.execute_script(PAGE_REPORT_JS)
+        except Exception as error:  # a hung page or a crashed renderer: report it against the page
+            if attempt == 2:
+                return PageResult(page, [f"the page did not load and settle within {timeout:.0f} s: {error}"])
+            continue
+        # On a loaded machine a page was once read before its <head> scripts were in the DOM (no MathJax
+        # script found, though the HTML has one). One reload tells such a race from a real failure, which
+        # shows again and is reported.
+        if not mathjax_trouble(settle, report):
+            break
     if settle["mathjax"] not in ("ok", "absent"):
         problems.append(f"MathJax {settle['mathjax']}")
     if settle["mathjax"] == "absent" and report["mathNodes"]:

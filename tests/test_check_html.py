@@ -198,3 +198,11 @@ def test_the_summary_table_has_a_row_per_page_and_counts_problems():
     assert len(lines) == 4
     assert lines[2].split() == ["book/a.html", "3", "1", "7", "0.5", "ok"]
     assert lines[3].endswith("2 problem(s), 1 warning(s)")
+
+
+def test_mathjax_trouble_is_a_failed_mathjax_or_math_without_mathjax():
+    trouble = check_html.mathjax_trouble
+    assert not trouble({"mathjax": "ok"}, {"mathNodes": 40})
+    assert not trouble({"mathjax": "absent"}, {"mathNodes": 0})
+    assert trouble({"mathjax": "absent"}, {"mathNodes": 3})
+    assert trouble({"mathjax": "never started"}, {"mathNodes": 0})

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .augment import CIFAR10_MEAN, CIFAR10_STD, Recipe, augment, eval_transform
 from .data import MEDMNIST, ImageDataset, data_root, load_medmnist
-from .evaluate import extract_features
+from .evaluate import _fit_linear, extract_features
 from .models import build_backbone
 from .profiles import Profile
 from .train import lr_at
@@ -310,25 +310,6 @@ def accuracy(scores: Tensor, labels: Tensor) -> float:
 # ---- the linear probe on a label fraction --------------------------------------------------
 
 
-def _fit_logistic(x: Tensor, y: Tensor, num_classes: int, weight_decay: float, max_iter: int) -> nn.Linear:
-    # The recipe of evaluate.linear_probe (full-batch L-BFGS, L2 on the weights), started at 0:
-    # the problem is convex, so no random start is needed and the global RNG is left alone.
-    layer = nn.utils.skip_init(nn.Linear, x.shape[1], num_classes, device=x.device)
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe")  # fmt: skip
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(layer(x), y) + weight_decay * layer.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return layer
-
-
 def probe(
     train_feats: Tensor,
     train_labels: Tensor,
@@ -361,11 +342,11 @@ def probe(
     fit[val] = False
     val_acc = {}
     for wd in weight_decays:
-        layer = _fit_logistic(x[fit], y[fit], num_classes, wd, max_iter)
+        layer = _fit_linear(x[fit], y[fit], num_classes, wd, max_iter, zero_init=True)
         with torch.no_grad():
             val_acc[wd] = accuracy(layer(x[val]), y[val])
     best = max(weight_decays, key=lambda wd: (val_acc[wd], wd))
-    layer = _fit_logistic(x, y, num_classes, best, max_iter)
+    layer = _fit_linear(x, y, num_classes, best, max_iter, zero_init=True)
     with torch.no_grad():
         scores = layer(xte).softmax(1)
     return {"acc": accuracy(scores, test_labels), "auc": roc_auc(scores, test_labels), "labels": len(y),

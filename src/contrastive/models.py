@@ -84,11 +84,14 @@ class ResNet18(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x))."""
+    """A pre-norm transformer block: x + Attention(LN(x)), then x + MLP(LN(x)).
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    `causal=True` lets each token attend only to itself and the tokens before it (CLIP's text encoder).
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, causal: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -99,7 +102,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d_head)) v, per head
+        # softmax(q k^T / sqrt(d_head)) v per head, masked above the diagonal when causal
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         x = x + self.proj(attended.transpose(1, 2).reshape(b, t, d))
         return x + self.mlp(self.norm2(x))
 

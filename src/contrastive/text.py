@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import _gray, to_float
+from .models import Block
 
 # ----------------------------------------------------------------------------------------------------------
 # Captions
@@ -338,28 +339,6 @@ class Tokenizer:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class CausalBlock(nn.Module):
-    """A pre-norm transformer block, x + Attention(LN(x)) then x + MLP(LN(x)), each token seeing only
-    itself and the tokens before it."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-        hidden = round(mlp_ratio * dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attended.transpose(1, 2).reshape(b, t, d))
-        return x + self.mlp(self.norm2(x))
-
-
 class TextEncoder(nn.Module):
     """Token ids (B, L) -> text features (B, out_dim): token + position embeddings, causal pre-norm blocks,
     a final LayerNorm, and a linear projection of the state at <eos> (CLIP's text transformer).
@@ -384,7 +363,7 @@ class TextEncoder(nn.Module):
         self.context_length = context_length
         self.token_embed = nn.Embedding(vocab_size, dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, dim))
-        self.blocks = nn.Sequential(*[CausalBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, causal=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.projection = nn.Linear(dim, out_dim, bias=False)
         # CLIP's initialisation of the embeddings.

@@ -51,7 +51,7 @@ execute: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python -m contrastive bench augment

@@ -22,9 +22,11 @@ def parse_option(text: str) -> tuple[str, object]:
 
 def _train(args) -> int:
     from .distributed import cleanup
+    from .profiles import get_profile
     from .train import train
 
-    run = train(args.method, profile=args.profile, out_dir=args.out, epochs=args.epochs,
+    profile = get_profile(args.profile, compile=True) if args.compile else args.profile
+    run = train(args.method, profile=profile, out_dir=args.out, epochs=args.epochs,
                 seed=args.seed, resume=args.resume, linear_probe=not args.no_linear,
                 method_options=dict(args.option), sync_bn=args.sync_bn)  # fmt: skip
     cleanup()
@@ -58,11 +60,11 @@ def _bench(args) -> int:
         if args.what == "step":
             if not args.method:
                 raise ValueError("bench step needs --method NAME")
-            rows = [bench_step(args.method, args.profile, args.batch_size, **timing)]
+            rows = [bench_step(args.method, args.profile, args.batch_size, compile=args.compile, **timing)]
         else:
             if args.batch_size:
                 timing["batch_size"] = args.batch_size
-            rows = bench_all(profile=args.profile, **timing)
+            rows = bench_all(args.methods, profile=args.profile, compile=args.compile, **timing)
         print(format_step_table(rows))
     if args.json:
         with open(args.json, "w") as fh:
@@ -89,6 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
     p.add_argument("--sync-bn", action="store_true",
                    help="torchrun on GPUs: BatchNorm statistics over all ranks")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the method (CUDA only; ignored on CPUs)")  # fmt: skip
     p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a method option, e.g. --option views=rgb for CMC (repeatable)")  # fmt: skip
     p.set_defaults(func=_train)
@@ -103,11 +107,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 512, 1024], help="augment only")
     p.add_argument("--seconds", type=float, default=3.0, help="augment: timed seconds per measurement")
     p.add_argument("--method", choices=sorted(METHODS), default=None, help="step: the method to time")
+    p.add_argument("--methods", choices=sorted(METHODS), nargs="+", default=None,
+                   help="all: default every one")  # fmt: skip
     p.add_argument("--profile", choices=list(PROFILES), default=None, help="step, all: default as for train")
     p.add_argument("--batch-size", type=int, default=None, help="step, all: default the profile's")
     p.add_argument("--warmup", type=int, default=3, help="step, all: untimed steps first")
     p.add_argument("--windows", type=int, default=5, help="step, all: timed windows (the median is kept)")
     p.add_argument("--steps-per-window", type=int, default=3, help="step, all: steps per timed window")
+    p.add_argument("--compile", action="store_true", help="step, all: torch.compile the method (CUDA only)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=_bench)
 

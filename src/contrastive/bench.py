@@ -7,6 +7,7 @@ and torchvision's v2 pipeline applied per image as a DataLoader would run it.
 
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,12 @@ def _images_per_second(run: Callable[[], object], images: int, seconds: float, d
     # On CUDA the loop only queues kernels; the clock stops once they have all run.
     _synchronize(device)
     return runs * images / (time.perf_counter() - start)
+
+
+def _device_description(device: torch.device) -> str:
+    from .train import device_description
+
+    return device_description(device)
 
 
 def _torchvision_pipeline(recipe: Recipe) -> tuple[Callable | None, str | None]:
@@ -102,7 +109,7 @@ def bench_augment(
                     "pipeline": name,
                     "batch_size": batch_size,
                     "images_per_second": _images_per_second(run, batch_size, seconds, device),
-                    "device": str(device),
+                    "device": _device_description(device),
                     "torch": torch.__version__,
                     "torchvision": torchvision_version,
                 }
@@ -143,7 +150,7 @@ def format_table(rows: Sequence[dict]) -> str:
 # ---- one method's training step ----------------------------------------------------------------
 
 STEP_FIELDS = (
-    "method", "profile", "device", "batch_size", "images_per_second", "window_images_per_second",
+    "method", "profile", "device", "batch_size", "compiled", "images_per_second", "window_images_per_second",
     "warmup_steps", "steps_per_window", "peak_memory_bytes", "peak_memory_kind", "torch", "commit",
 )  # fmt: skip
 
@@ -205,16 +212,19 @@ def _peak_memory(device: torch.device) -> tuple[int | None, str]:
 
 
 def bench_step(method: str, profile: str | None = None, batch_size: int | None = None, warmup: int = 3,
-               windows: int = 5, steps_per_window: int = 3, options: dict | None = None) -> dict:  # fmt: skip
+               windows: int = 5, steps_per_window: int = 3, options: dict | None = None,
+               compile: bool = False) -> dict:  # fmt: skip
     """Training images/s and peak memory of one method's full step (views, forward, backward, optimiser
-    step, per-step hook) on the profile's device, backbone and batch size, on random uint8 images."""
+    step, per-step hook) on the profile's device, backbone and batch size, on random uint8 images.
+    `compile=True` runs the method through torch.compile, as the profile's own `compile` does (CUDA
+    only); the compilation happens in the untimed warm-up steps."""
     from .methods import build_method, check_method
     from .models import build_backbone
     from .profiles import get_profile
     from .train import build_optimizer, git_commit
 
     check_method(method, options)
-    prof = get_profile(profile)
+    prof = get_profile(profile, **({"compile": True} if compile else {}))
     device = torch.device(prof.device)
     batch = batch_size or prof.batch_size
     if batch < 2:
@@ -255,8 +265,8 @@ def bench_step(method: str, profile: str | None = None, batch_size: int | None =
     from .train import device_description
 
     return {"method": method, "profile": prof.name, "device": device_description(device), "batch_size": batch,
-            **timing, "peak_memory_bytes": peak, "peak_memory_kind": kind, "torch": torch.__version__,
-            "commit": git_commit()}  # fmt: skip
+            "compiled": runner is not model, **timing, "peak_memory_bytes": peak, "peak_memory_kind": kind,
+            "torch": torch.__version__, "commit": git_commit()}  # fmt: skip
 
 
 def check_step_row(row: dict) -> dict:
@@ -266,6 +276,8 @@ def check_step_row(row: dict) -> dict:
         raise ValueError(f"benchmark row lacks {missing}")
     if not (row["images_per_second"] > 0 and all(r > 0 for r in row["window_images_per_second"])):
         raise ValueError(f"benchmark row has a non-positive rate: {row['images_per_second']}")
+    if not isinstance(row["compiled"], bool):
+        raise ValueError(f"benchmark row's compiled is {row['compiled']!r}, not true or false")
     if row["peak_memory_kind"] not in ("cuda_max_allocated", "process_max_rss"):
         raise ValueError(f"unknown peak_memory_kind {row['peak_memory_kind']!r}")
     return row
@@ -288,7 +300,10 @@ def bench_all(methods: Sequence[str] | None = None, profile: str | None = None, 
             if profile:
                 argv += ["--profile", profile]
             for key, value in step_options.items():
-                argv += [f"--{key.replace('_', '-')}", str(value)]
+                if isinstance(value, bool):  # a switch: present or absent
+                    argv += [f"--{key.replace('_', '-')}"] if value else []
+                else:
+                    argv += [f"--{key.replace('_', '-')}", str(value)]
             done = subprocess.run(argv, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"bench step --method {name} failed:\n{done.stderr.strip()}")
@@ -309,3 +324,49 @@ def format_step_table(rows: Sequence[dict]) -> str:
         lines.append(f"{r['method']:12s}{r['batch_size']:7d}{r['images_per_second']:11,.0f}{peak:>20s}  "
                      f"{r['peak_memory_kind']}")  # fmt: skip
     return "\n".join(lines)
+
+
+# ---- the records the benchmark chapter reads ----------------------------------------------------
+
+RECORD_COLUMNS = (
+    "method", "epochs", "knn_top1", "knn_top1_random_init", "linear_top1", "linear_top1_random_init",
+    "train_seconds", "seconds", "run_device", "images_per_second", "peak_memory_bytes", "bench_device",
+)  # fmt: skip
+
+
+def load_records(results: str | Path, profile: str = "cpu",
+                 methods: Sequence[str] | None = None) -> list[dict]:  # fmt: skip
+    """One row per method: its reference run (`results/<method>_<profile>/summary.json`: accuracies, wall
+    time, where it ran) joined with its `bench all` row (`results/bench_step_<profile>.json`: images/s and
+    peak memory, every method on one machine). A method missing from either record is an error naming
+    the file, so a table never silently drops a row."""
+    import json
+
+    from .methods import METHODS
+
+    results = Path(results)
+    bench_path = results / f"bench_step_{profile}.json"
+    if not bench_path.is_file():
+        raise FileNotFoundError(f"no throughput record {bench_path}: run `python -m contrastive bench all "
+                                f"--profile {profile} --json {bench_path}`")  # fmt: skip
+    bench = {row["method"]: check_step_row(row) for row in json.loads(bench_path.read_text())}
+    rows = []
+    for method in methods or sorted(METHODS):
+        summary_path = results / f"{method}_{profile}" / "summary.json"
+        if not summary_path.is_file():
+            raise FileNotFoundError(f"no reference run {summary_path}: run `python -m contrastive train "
+                                    f"--method {method} --profile {profile} "
+                                    f"--out {summary_path.parent}`")  # fmt: skip
+        if method not in bench:
+            raise ValueError(f"{bench_path} has no row for {method}")
+        s, b = json.loads(summary_path.read_text()), bench[method]
+        if s["method"] != method or s["profile"] != profile or b["profile"] != profile:
+            raise ValueError(f"{summary_path} or {bench_path} is not a {method}/{profile} record")
+        rows.append({
+            "method": method, "epochs": s["epochs"], "knn_top1": s["knn_top1"],
+            "knn_top1_random_init": s["knn_top1_random_init"], "linear_top1": s.get("linear_top1"),
+            "linear_top1_random_init": s.get("linear_top1_random_init"), "train_seconds": s["train_seconds"],
+            "seconds": s["seconds"], "run_device": s["device"], "images_per_second": b["images_per_second"],
+            "peak_memory_bytes": b["peak_memory_bytes"], "bench_device": b["device"],
+        })  # fmt: skip
+    return rows

@@ -33,15 +33,15 @@ class SimCLR(nn.Module):
         self.projector = projection_mlp(backbone.out_dim, proj_hidden_dim, proj_dim)
         self.temperature = temperature
         self.recipe = recipe
-        self._geometry: list[tuple[float, float]] = []
+        self._geometry: list[torch.Tensor] = []
 
     def forward(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """The training step: images (N, C, H, W) uint8 -> NT-Xent loss (indices are not needed)."""
         x = torch.cat([augment(images, self.recipe), augment(images, self.recipe)])
         z = self.projector(self.backbone(x))
         z1, z2 = z.chunk(2)
-        with torch.no_grad():
-            self._geometry.append((alignment(z1.float(), z2.float()).item(), uniformity(z1.float()).item()))
+        with torch.no_grad():  # kept as a tensor: reading it every step would wait for the GPU every step
+            self._geometry.append(torch.stack([alignment(z1.float(), z2.float()), uniformity(z1.float())]))
         return nt_xent(gather_with_grad(z1), gather_with_grad(z2), self.temperature)
 
     training_step = forward
@@ -54,7 +54,5 @@ class SimCLR(nn.Module):
         rows, self._geometry = self._geometry, []
         if not rows:
             return {}
-        return {
-            "alignment": sum(a for a, _ in rows) / len(rows),
-            "uniformity": sum(u for _, u in rows) / len(rows),
-        }
+        align, uniform = torch.stack(rows).double().mean(0).tolist()
+        return {"alignment": align, "uniformity": uniform}

@@ -370,3 +370,13 @@ def load_records(results: str | Path, profile: str = "cpu",
             "peak_memory_bytes": b["peak_memory_bytes"], "bench_device": b["device"],
         })  # fmt: skip
     return rows
+
+
+def amdahl_speedup(fraction: float, factor: float) -> float:
+    """Amdahl's law: the whole step's speed-up when the part taking `fraction` of its time runs `factor`
+    times faster and the rest is unchanged, 1 / ((1 - fraction) + fraction / factor)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    if not factor > 0:
+        raise ValueError(f"factor must be positive, got {factor}")
+    return 1.0 / ((1.0 - fraction) + fraction / factor)

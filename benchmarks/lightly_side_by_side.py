@@ -190,7 +190,7 @@ def train_lightly(data, profile, workers: int, seed: int = 0, log=print) -> dict
 
     from contrastive.augment import SIMCLR_CIFAR
     from contrastive.evaluate import evaluate_backbone
-    from contrastive.train import NonFiniteLossError, build_optimizer, lr_at
+    from contrastive.train import NonFiniteLossError, _progress_enabled, build_optimizer, lr_at
 
     dataset = PILImages(data.train_images.cpu(), lightly_transform(SIMCLR_CIFAR))
     model = _simclr_model(profile.backbone, seed)
@@ -206,7 +206,9 @@ def train_lightly(data, profile, workers: int, seed: int = 0, log=print) -> dict
     for epoch in range(profile.epochs):
         model.train()
         began = time.perf_counter()
-        for views in tqdm(loader, desc=f"lightly epoch {epoch + 1}/{profile.epochs}", leave=False):
+        bar = tqdm(loader, desc=f"lightly epoch {epoch + 1}/{profile.epochs}", leave=False,
+                   disable=not _progress_enabled(None))  # fmt: skip
+        for views in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, peak_lr)
             loss = _step(model, optimizer, criterion, views)

@@ -32,12 +32,6 @@ def _images_per_second(run: Callable[[], object], images: int, seconds: float, d
     return runs * images / (time.perf_counter() - start)
 
 
-def _device_description(device: torch.device) -> str:
-    from .train import device_description
-
-    return device_description(device)
-
-
 def _torchvision_pipeline(recipe: Recipe) -> tuple[Callable | None, str | None]:
     """torchvision's v2 equivalent of `recipe` and torchvision's version, or (None, None)."""
     try:
@@ -77,6 +71,8 @@ def bench_augment(
     torchvision pipeline is left out when torchvision is not installed; the rows
     then say `"torchvision": None`.
     """
+    from .train import device_description  # train imports the package's heavier modules
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if images is None:
         images = torch.randint(0, 256, (max(batch_sizes), 3, 32, 32), dtype=torch.uint8)
@@ -109,7 +105,7 @@ def bench_augment(
                     "pipeline": name,
                     "batch_size": batch_size,
                     "images_per_second": _images_per_second(run, batch_size, seconds, device),
-                    "device": _device_description(device),
+                    "device": device_description(device),
                     "torch": torch.__version__,
                     "torchvision": torchvision_version,
                 }
@@ -327,11 +323,6 @@ def format_step_table(rows: Sequence[dict]) -> str:
 
 
 # ---- the records the benchmark chapter reads ----------------------------------------------------
-
-RECORD_COLUMNS = (
-    "method", "epochs", "knn_top1", "knn_top1_random_init", "linear_top1", "linear_top1_random_init",
-    "train_seconds", "seconds", "run_device", "images_per_second", "peak_memory_bytes", "bench_device",
-)  # fmt: skip
 
 
 def load_records(results: str | Path, profile: str = "cpu",

@@ -41,7 +41,7 @@ fi
 
 "$python" - <<'EOF'
 import torch
-from contrastive.train import device_description
+from contrastive.runinfo import device_description
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 print(f"device: {device_description(device)}, torch {torch.__version__}")
 EOF

@@ -280,7 +280,8 @@ def main(argv=None) -> int:
 
     from contrastive.augment import SIMCLR_CIFAR
     from contrastive.profiles import get_profile
-    from contrastive.train import device_description, git_commit, profile_data
+    from contrastive.runinfo import device_description, git_commit
+    from contrastive.train import profile_data
 
     gap = losses_agree()
     if gap > 1e-4:

@@ -30,7 +30,7 @@ def main(argv=None) -> int:
         os.environ["CONTRASTIVE_PROFILE"] = args.profile
 
     from contrastive.profiles import get_profile
-    from contrastive.train import device_description, git_commit
+    from contrastive.runinfo import device_description, git_commit
 
     profile = get_profile()
     import torch

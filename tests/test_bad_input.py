@@ -238,7 +238,7 @@ def test_every_tensor_argument_is_checked_for_non_finite_entries():
 
 def test_an_unknown_method_profile_or_backbone_name_is_refused_listing_every_valid_one():
     lookups = [
-        (lambda: build_method("simclrr", build_backbone("convnet_tiny"), 10), "'simclrr'", METHODS),
+        (lambda: build_method("simclrr", "convnet_tiny", 10), "'simclrr'", METHODS),
         (lambda: get_profile("laptop"), "'laptop'", PROFILES),
         (lambda: build_backbone("resnet19"), "'resnet19'", BACKBONES),
     ]
@@ -251,7 +251,7 @@ def test_an_unknown_method_profile_or_backbone_name_is_refused_listing_every_val
 
 def test_an_unknown_method_option_is_refused_listing_the_valid_ones():
     with pytest.raises(ValueError, match="simclr has no option 'tau'; its options are .*temperature"):
-        build_method("simclr", build_backbone("convnet_tiny"), 10, tau=0.1)
+        build_method("simclr", "convnet_tiny", 10, tau=0.1)
 
 
 # ---- the command line ---------------------------------------------------------------------

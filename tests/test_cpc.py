@@ -20,7 +20,7 @@ def test_patch_grid_cuts_overlapping_16px_patches_at_stride_8():
 
 def test_context_at_a_row_never_sees_the_rows_below():
     torch.manual_seed(0)
-    method = build_method("cpc", build_backbone("convnet_tiny"), num_images=10)
+    method = build_method("cpc", "convnet_tiny", num_images=10)
     z = torch.randn(4, 3, method.context.input_size)  # (columns, rows, D)
     changed = z.clone()
     changed[:, 2] += 10.0  # alter the last row only
@@ -30,7 +30,7 @@ def test_context_at_a_row_never_sees_the_rows_below():
 
 def test_the_evaluated_encoder_is_the_mean_of_patch_features():
     torch.manual_seed(0)
-    method = build_method("cpc", build_backbone("convnet_tiny"), num_images=10).eval()
+    method = build_method("cpc", "convnet_tiny", num_images=10).eval()
     x = torch.randn(2, 3, 32, 32)
     per_patch = method.encoder.patch_features(x)
     assert per_patch.shape == (2, 3, 3, 64)

@@ -33,7 +33,7 @@ def _free_port() -> int:
 
 def _model(**options):
     torch.manual_seed(0)  # every process builds the same weights and the same initial queue
-    return build_method("moco", build_backbone("convnet_tiny"), 0, queue_size=QUEUE, **options)
+    return build_method("moco", "convnet_tiny", 0, queue_size=QUEUE, **options)
 
 
 def _inputs():

@@ -137,11 +137,11 @@ def test_loss_refuses_bad_input():
 
 def test_method_is_registered_with_a_batchnorm_head():
     assert METHODS["invaspread"].__name__ == "InvaSpread"
-    method = build_method("invaspread", build_backbone("convnet_tiny"), num_images=10)
+    method = build_method("invaspread", "convnet_tiny", num_images=10)
     assert isinstance(method.head[1], torch.nn.BatchNorm1d) and method.head[0].out_features == 128
     assert method.temperature == 0.1 and method.lr_scale == 0.2
     with pytest.raises(ValueError, match="no option"):
-        build_method("invaspread", build_backbone("convnet_tiny"), num_images=10, tau=0.1)
+        build_method("invaspread", "convnet_tiny", num_images=10, tau=0.1)
 
 
 def test_invaspread_trains_and_reports_the_positive_probability(tiny_data, tiny_profile):

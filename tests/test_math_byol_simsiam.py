@@ -9,7 +9,7 @@ import torch
 
 from contrastive.evaluate import effective_rank, output_std
 from contrastive.losses import negative_cosine
-from contrastive.methods.byol import target_momentum
+from contrastive.methods.momentum import cosine_momentum
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. BYOL's loss: the normalised MSE is 2 - 2 cos
@@ -61,7 +61,7 @@ def test_the_schedule_increases_for_every_tau_base_below_one():
 def test_the_package_schedule_is_the_formula():
     f = sp.lambdify((k, K, tau_base), TAU)
     for step, total, base in ((0, 100, 0.99), (37, 100, 0.99), (100, 100, 0.99), (5, 8, 0.996), (3, 10, 0.9)):
-        assert target_momentum(step, total, base) == pytest.approx(f(step, total, base), abs=1e-15)
+        assert cosine_momentum(step, total, base) == pytest.approx(f(step, total, base), abs=1e-15)
 
 
 # ----------------------------------------------------------------------------------------------------------

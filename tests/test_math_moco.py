@@ -12,7 +12,7 @@ m = sp.Symbol("m", positive=True)
 
 def _moco(**options):
     torch.manual_seed(0)
-    return build_method("moco", build_backbone("convnet_tiny"), 0, **{"bn_splits": 1, **options})
+    return build_method("moco", "convnet_tiny", 0, **{"bn_splits": 1, **options})
 
 
 # ----------------------------------------------------------------------------------------------------------

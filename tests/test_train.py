@@ -6,7 +6,8 @@ import torch
 
 import contrastive.train as train_module
 from contrastive.methods.simclr import SimCLR
-from contrastive.train import NonFiniteLossError, atomic_write_bytes, load_checkpoint, lr_at, train
+from contrastive.runinfo import atomic_write_bytes
+from contrastive.train import NonFiniteLossError, load_checkpoint, lr_at, train
 
 CONTRACT_KEYS = {"method", "profile", "epochs", "knn_top1", "knn_top1_random_init", "seconds",
                  "images_per_second", "device", "torch", "commit"}  # fmt: skip

@@ -14,7 +14,7 @@ moved to the images' device, so a CPU generator also drives CUDA batches.
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -365,6 +365,22 @@ class Recipe:
 # SimCLR's CIFAR-10 recipe (Chen et al. 2020, appendix B.9): colour strength s = 0.5,
 # i.e. ColorJitter(0.8s, 0.8s, 0.8s, 0.2s), and no blur on 32 x 32 images.
 SIMCLR_CIFAR = Recipe()
+
+# The recipes of the other methods, all here so that no method imports another.
+# InstDisc's CIFAR/ImageNet recipe, milder than SimCLR's (crops of at least 20%, jitter always on);
+# InvaSpread and MoCo v1 adopted it.
+INSTDISC_CIFAR = Recipe(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2)
+# MoCo v2: SimCLR's recipe plus a blur.
+MOCOV2_CIFAR = replace(SIMCLR_CIFAR, blur_p=0.5, blur_kernel=3)
+# CMC: random crop and flip only; colour is one of its views.
+CMC_CIFAR = Recipe(scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0)
+# CPC: mild augmentation of the whole image; predicting unseen patches is the pretext task.
+CPC_CIFAR = Recipe(scale=(0.5, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2)
+# DINO's crops: global ones cover 40-100% of the image, local ones 5-40%, at half the size.
+DINO_GLOBAL = Recipe(scale=(0.4, 1.0), jitter=(0.4, 0.4, 0.2, 0.1))
+DINO_LOCAL = Recipe(size=16, scale=(0.05, 0.4), jitter=(0.4, 0.4, 0.2, 0.1))
+# CLIP: crops of at least half the image and flips; no colour change, since the captions name colours.
+CLIP_CIFAR = Recipe(scale=(0.5, 1.0), jitter_p=0.0, gray_p=0.0)
 
 
 def augment(images: Tensor, recipe: Recipe, generator: torch.Generator | None = None) -> Tensor:

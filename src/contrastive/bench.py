@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from contrastive.augment import SIMCLR_CIFAR, Recipe, augment
+from .augment import SIMCLR_CIFAR, Recipe, augment
+from .runinfo import device_description, git_commit
 
 
 def _synchronize(device: torch.device) -> None:
@@ -71,8 +72,6 @@ def bench_augment(
     torchvision pipeline is left out when torchvision is not installed; the rows
     then say `"torchvision": None`.
     """
-    from .train import device_description  # train imports the package's heavier modules
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if images is None:
         images = torch.randint(0, 256, (max(batch_sizes), 3, 32, 32), dtype=torch.uint8)
@@ -214,10 +213,9 @@ def bench_step(method: str, profile: str | None = None, batch_size: int | None =
     step, per-step hook) on the profile's device, backbone and batch size, on random uint8 images.
     `compile=True` runs the method through torch.compile, as the profile's own `compile` does (CUDA
     only); the compilation happens in the untimed warm-up steps."""
-    from .methods import build_method, check_method
-    from .models import build_backbone
+    from .methods import check_method
     from .profiles import get_profile
-    from .train import build_optimizer, git_commit
+    from .train import build_model, build_optimizer, train_step
 
     check_method(method, options)
     prof = get_profile(profile, **({"compile": True} if compile else {}))
@@ -225,19 +223,13 @@ def bench_step(method: str, profile: str | None = None, batch_size: int | None =
     batch = batch_size or prof.batch_size
     if batch < 2:
         raise ValueError(f"batch_size must be at least 2, got {batch}")
-    torch.manual_seed(0)
     pool = 4 * batch  # enough images for per-image state (memory banks, captions) to be indexed at random
+    torch.manual_seed(0)
     images = torch.randint(0, 256, (pool, 3, 32, 32), dtype=torch.uint8, device=device)
     labels = torch.randint(0, 10, (pool,), device=device)
-    model = build_method(method, build_backbone(prof.backbone), pool, backbone_name=prof.backbone,
-                         **(options or {})).to(device)  # fmt: skip
-    model = model.to(memory_format=torch.channels_last)
-    if hasattr(model, "setup"):
-        import inspect
-
-        wants_labels = "train_labels" in inspect.signature(model.setup).parameters
-        model.setup(images, prof.eval_batch_size, **({"train_labels": labels} if wants_labels else {}))
-    optimizer, _ = build_optimizer(model, prof)
+    model = build_model(method, prof, pool, 3, options, seed=0, device=device)
+    model.setup(images, labels, prof.eval_batch_size)
+    optimizer, peak_lr = build_optimizer(model, prof)
     runner = torch.compile(model) if prof.compile and device.type == "cuda" else model
     use_amp = prof.amp and device.type == "cuda"
     total = warmup + windows * steps_per_window
@@ -245,12 +237,8 @@ def bench_step(method: str, profile: str | None = None, batch_size: int | None =
 
     def step():
         idx = torch.randint(0, pool, (batch,), device=device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = runner(images[idx], idx)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        model.on_step_end(counter["step"], total)
+        train_step(model, optimizer, images[idx], idx, peak_lr, counter["step"], total, runner, use_amp,
+                   check=device.type != "cuda")  # fmt: skip
         counter["step"] += 1
 
     if device.type == "cuda":
@@ -258,8 +246,6 @@ def bench_step(method: str, profile: str | None = None, batch_size: int | None =
     model.train()
     timing = time_steps(step, batch, device, warmup, windows, steps_per_window)
     peak, kind = _peak_memory(device)
-    from .train import device_description
-
     return {"method": method, "profile": prof.name, "device": device_description(device), "batch_size": batch,
             "compiled": runner is not model, **timing, "peak_memory_bytes": peak, "peak_memory_kind": kind,
             "torch": torch.__version__, "commit": git_commit()}  # fmt: skip

@@ -289,3 +289,83 @@ class DINOHead(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ---- BatchNorm per group of samples: MoCo's emulation of one BN per GPU ----------------------
+
+
+class _SplitBatchNorm:
+    """BatchNorm whose training-mode statistics are computed per group of consecutive samples.
+
+    A batch of N samples is `num_splits` groups of N / num_splits, as if each group
+    sat on its own GPU. The running statistics move towards the mean over groups of
+    the group statistics: what averaging the BN buffers of `num_splits` GPUs gives,
+    and the statistics the layer actually normalised with (the within-group ones).
+    In eval mode the layer is ordinary BatchNorm.
+    """
+
+    num_splits: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.num_splits == 1:
+            return super().forward(x)
+        n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
+        if n % self.num_splits:
+            raise ValueError(f"a batch of {n} samples cannot be split into num_splits={self.num_splits} "
+                             f"equal BN groups; num_splits must divide {n}")  # fmt: skip
+        s = self.num_splits
+        # (N, C, ...) -> (N / s, s * C, ...): group g's samples become channels g*C .. g*C + C - 1, so one
+        # batch_norm call computes every group's statistics.
+        grouped = x.reshape(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)
+        factor = self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if factor is None:  # cumulative average, as nn.BatchNorm with momentum=None
+                factor = 1.0 / self.num_batches_tracked.item()
+        running_mean = self.running_mean.repeat(s) if self.track_running_stats else None
+        running_var = self.running_var.repeat(s) if self.track_running_stats else None
+        weight = self.weight.repeat(s) if self.affine else None
+        bias = self.bias.repeat(s) if self.affine else None
+        out = F.batch_norm(grouped, running_mean, running_var, weight, bias, True, factor or 0.0, self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.copy_(running_mean.view(s, c).mean(0))
+                self.running_var.copy_(running_var.view(s, c).mean(0))
+        return out.reshape(n // s, s, c, *rest).transpose(0, 1).reshape(n, c, *rest)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, num_splits={self.num_splits}"
+
+
+class SplitBatchNorm2d(_SplitBatchNorm, nn.BatchNorm2d):
+    def __init__(self, num_features: int, num_splits: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+
+class SplitBatchNorm1d(_SplitBatchNorm, nn.BatchNorm1d):
+    def __init__(self, num_features: int, num_splits: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.num_splits = num_splits
+
+
+def split_batch_norm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every BatchNorm1d/2d inside `module`, in place, by its split version with the same state.
+
+    Returns `module` (for a bare BatchNorm layer, its replacement).
+    """
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        if isinstance(module, _SplitBatchNorm):
+            module.num_splits = num_splits
+            return module
+        cls = SplitBatchNorm2d if isinstance(module, nn.BatchNorm2d) else SplitBatchNorm1d
+        like = [t for t in (module.weight, module.running_mean) if t is not None]
+        place = {"device": like[0].device, "dtype": like[0].dtype} if like else {}
+        split = cls(module.num_features, num_splits, eps=module.eps, momentum=module.momentum,
+                    affine=module.affine, track_running_stats=module.track_running_stats,
+                    **place)  # fmt: skip
+        split.load_state_dict(module.state_dict())
+        return split.train(module.training)
+    for name, child in module.named_children():
+        module.add_module(name, split_batch_norm(child, num_splits))
+    return module

@@ -10,12 +10,8 @@ epoch and `resume=True` continues bit-for-bit on the CPU.
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -28,11 +24,15 @@ from . import distributed
 from .data import ImageDataset, load_cifar10
 from .evaluate import evaluate_backbone
 from .losses import NonFiniteInputError
-from .methods import build_method, check_method
-from .models import build_backbone
+from .augment import Recipe
+from .methods import Method, build_method, check_method
 from .profiles import Profile, banner, get_profile
+from .runinfo import atomic_write_bytes, device_description, git_commit, write_json, write_jsonl
 
 CHECKPOINTS_KEPT = 2
+# On a GPU, reading the loss makes the host wait for the device; the loop reads its finiteness flag
+# every this many steps there, and at every step on a CPU, where the read costs nothing.
+CHECK_EVERY_CUDA = 50
 
 
 @dataclasses.dataclass
@@ -42,7 +42,7 @@ class Run:
 
     summary: dict
     metrics: list[dict]
-    method: torch.nn.Module
+    method: Method
     data: ImageDataset
 
     def report(self) -> str:
@@ -59,17 +59,17 @@ class Run:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped before updating the weights."""
+    """The loss became NaN or infinite; the run stopped, and no checkpoint holds the bad weights."""
 
 
-def _stopped(
-    what: str, epoch: int, step: int, global_step: int, last_good: Path | None
-) -> NonFiniteLossError:
+def _stopped(what: str, epoch: int, step: int, global_step: int, last_good: Path | None,
+             before_update: bool = True) -> NonFiniteLossError:  # fmt: skip
     """The error that stops a run at a non-finite step: where it happened and which checkpoint survives."""
     kept = (f"the last good checkpoint {last_good} is intact" if last_good
             else "no epoch had finished, so there is no checkpoint")  # fmt: skip
+    when = "before the update" if before_update else "without saving the weights since"
     return NonFiniteLossError(f"{what} at epoch {epoch}, step {step} (global step {global_step}); training "
-                              f"stopped before the update and {kept}. Lower the learning rate or check the "
+                              f"stopped {when} and {kept}. Lower the learning rate or check the "
                               "inputs, then resume.")  # fmt: skip
 
 
@@ -96,36 +96,14 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def build_optimizer(model: torch.nn.Module, profile: Profile) -> tuple[torch.optim.Optimizer, float]:
+def build_optimizer(model: Method, profile: Profile) -> tuple[torch.optim.Optimizer, float]:
     """The method's optimiser and peak learning rate: the profile's (SimCLR's) rate times the method's
     `lr_scale`; AdamW for methods that set `adamw_weight_decay` (ViTs, CLIP), else SGD with momentum."""
-    peak_lr = profile.lr * getattr(model, "lr_scale", 1.0)
-    if getattr(model, "adamw_weight_decay", None) is not None:  # as in the MoCo v3, DINO and CLIP papers
+    peak_lr = profile.lr * model.lr_scale
+    if model.adamw_weight_decay is not None:  # as in the MoCo v3, DINO and CLIP papers
         return adamw(model, peak_lr, model.adamw_weight_decay), peak_lr
     sgd = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, weight_decay=profile.weight_decay)
     return sgd, peak_lr
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through `write(file)` to a temporary file, flush it to disk, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, lambda fh: fh.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def _write_metrics(path: Path, metrics: list[dict]) -> None:
-    text = "".join(json.dumps(m) + "\n" for m in metrics)
-    atomic_write_bytes(path, lambda fh: fh.write(text.encode()))
 
 
 def checkpoint_paths(out_dir: Path) -> list[Path]:
@@ -147,32 +125,6 @@ def load_checkpoint(out_dir: Path, device) -> tuple[dict, Path]:
     raise ValueError(f"every checkpoint in {out_dir} is unreadable: {[str(p) for p in paths]}")
 
 
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
 def _progress_enabled(progress: bool | None) -> bool:
     if progress is not None:
         return progress
@@ -185,6 +137,92 @@ def profile_data(profile: Profile, data: ImageDataset | None, device) -> ImageDa
     if profile.train_size or profile.test_size:
         data = data.subset(profile.train_size, profile.test_size, seed=0)
     return data.to(device)
+
+
+
+
+# ---- building a run (shared by train, evaluate_checkpoint and bench step) -----------------------
+
+
+def build_model(method: str, profile: Profile, num_images: int, in_channels: int = 3,
+                options: dict | None = None, seed: int = 0, device=None) -> Method:  # fmt: skip
+    """Method `method` on the profile's backbone, initialised from `seed`, on `device` (the
+    profile's by default) in channels_last, which speeds convolutions up on CPUs (oneDNN) and GPUs."""
+    torch.manual_seed(seed)
+    model = build_method(method, profile.backbone, num_images, in_channels, **(options or {}))
+    return model.to(device or profile.device).to(memory_format=torch.channels_last)
+
+
+def scaled_epochs(profile: Profile, model: Method) -> Profile:
+    """The profile with the method's `epoch_scale` applied: a costlier step gets fewer epochs (at least
+    two, to see a trend)."""
+    if model.epoch_scale == 1.0:
+        return profile
+    return dataclasses.replace(profile, epochs=max(min(2, profile.epochs), round(profile.epochs * model.epoch_scale)))
+
+
+def stored_options(options: dict | None) -> dict:
+    """The method options as a checkpoint stores them (what `weights_only` loading reads back): plain
+    values as they are, an augmentation `Recipe` as its fields. Anything else is refused, since a resume
+    or `eval` could not rebuild the model from it."""
+    stored = {}
+    for key, value in sorted((options or {}).items()):
+        if isinstance(value, Recipe):
+            stored[key] = {"Recipe": dataclasses.asdict(value)}
+        elif value is None or isinstance(value, (bool, int, float, str)) or (
+            isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value)
+        ):
+            stored[key] = tuple(value) if isinstance(value, list) else value
+        else:
+            raise ValueError(f"option {key}={value!r} cannot be stored in a checkpoint, so a resume or eval "
+                             "could not rebuild this model: pass numbers, strings, booleans, tuples of them "
+                             "or an augment.Recipe")  # fmt: skip
+    return stored
+
+
+def restored_options(stored: dict) -> dict:
+    """The method options a checkpoint stored, as the method's constructor takes them."""
+    return {k: Recipe(**v["Recipe"]) if isinstance(v, dict) and "Recipe" in v else v for k, v in stored.items()}
+
+
+def _check_resumable(ckpt: dict, path: Path, method: str, profile: Profile, seed: int, options: dict) -> None:
+    """Refuse to resume a checkpoint as another method, profile, seed or with any other option."""
+    if (ckpt["method"], ckpt["profile"], ckpt["seed"]) != (method, profile.name, seed):
+        raise ValueError(f"{path} is a {ckpt['method']}/{ckpt['profile']}/seed {ckpt['seed']} run; cannot "
+                         f"resume it as {method}/{profile.name}/seed {seed}")  # fmt: skip
+    before = ckpt["method_options"]
+    changed = sorted(k for k in set(before) | set(options) if before.get(k, "default") != options.get(k, "default"))
+    if changed:
+        detail = "; ".join(f"{k}: trained with {before.get(k, 'the default')!r}, now "
+                           f"{options.get(k, 'the default')!r}" for k in changed)  # fmt: skip
+        raise ValueError(f"cannot resume {path} with other method options ({detail}); pass the options it "
+                         "was trained with, or start a new run in another folder")  # fmt: skip
+
+
+# ---- one step (shared by the loop and bench step, so the benchmark times what training runs) -----
+
+
+def train_step(model: Method, optimizer: torch.optim.Optimizer, images: torch.Tensor, indices: torch.Tensor,
+               lr: float, step: int, total_steps: int, runner=None, use_amp: bool = False,
+               check: bool = True) -> torch.Tensor:  # fmt: skip
+    """One optimiser step of `model` on a uint8 batch: forward (through `runner`, the DDP or compiled
+    wrapper, when given), backward, update, then the method's `on_step_end`. Returns the loss, detached,
+    on its device. With `check`, a NaN or infinite loss raises `NonFiniteLossError` before the update
+    (reading the loss, which makes the host wait for a GPU)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        loss = (runner or model)(images, indices)
+    if check and not torch.isfinite(loss).item():
+        raise NonFiniteLossError(f"loss became {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    model.on_step_end(step, total_steps)
+    return loss.detach()
+
+
+# ---- the loop ---------------------------------------------------------------------------------
 
 
 def train(
@@ -208,56 +246,36 @@ def train(
     continues from the newest readable checkpoint in `out_dir`.
     """
     started = time.perf_counter()
-    if sync_bn and method in ("moco", "mocov2"):
-        raise ValueError("sync_bn would undo MoCo's shuffled BN (its statistics must not span a query's key)")
+    cls = check_method(method, method_options)  # a misspelt name fails now, not after loading the data
+    options = stored_options(method_options)
+    if sync_bn and not cls.sync_bn_allowed:
+        raise ValueError(f"sync_bn would undo {method}'s BatchNorm design (MoCo's shuffled BN: its statistics "
+                         "must not span a query's own key)")  # fmt: skip
     if sync_bn and not torch.cuda.is_available():
         raise ValueError("sync_bn needs CUDA devices: torch's SyncBatchNorm does not run on CPUs")
-    check_method(method, method_options)  # a misspelt name fails now, not after loading the data
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
     if epochs is not None:
         if not epochs >= 1:
             raise ValueError(f"epochs must be at least 1, got {epochs}")
         profile = dataclasses.replace(profile, epochs=epochs)
+    out = _prepare_out(out_dir, resume)
     device = distributed.setup() or torch.device(profile.device)
     is_main, world = distributed.rank() == 0, distributed.world_size()
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        if checkpoint_paths(out) and not resume:
-            raise FileExistsError(f"{out} already holds a run: pass resume=True (--resume) to "
-                                  "continue it, or choose another output folder")  # fmt: skip
-        if resume and not checkpoint_paths(out):
-            raise FileNotFoundError(f"nothing to resume: no checkpoint in {out}")
-        out.mkdir(parents=True, exist_ok=True)
-    elif resume:
-        raise ValueError("resume=True needs the out_dir of the run to continue")
 
     data = profile_data(profile, data, device)
     if is_main:
         log(banner(profile, data.source))
-
-    torch.manual_seed(seed)
-    backbone = build_backbone(profile.backbone, in_channels=data.train_images.shape[1])
-    model = build_method(method, backbone, len(data.train_images), backbone_name=profile.backbone,
-                         **(method_options or {})).to(device)  # fmt: skip
-    # channels_last speeds convolutions up on both CPUs (oneDNN) and GPUs (tensor cores).
-    model = model.to(memory_format=torch.channels_last)
-    use_amp = profile.amp and device.type == "cuda"
-    if epochs is None and getattr(model, "epoch_scale", 1.0) != 1.0:  # a costlier step gets fewer epochs
-        scaled = max(min(2, profile.epochs), round(profile.epochs * model.epoch_scale))  # two, to see a trend
-        profile = dataclasses.replace(profile, epochs=scaled)
-    encoder = getattr(model, "encoder", backbone)  # what evaluation reads (CPC: pooled patch features)
+    model = build_model(method, profile, len(data.train_images), data.train_images.shape[1], method_options,
+                        seed, device)  # fmt: skip
+    if epochs is None:
+        profile = scaled_epochs(profile, model)
     optimizer, peak_lr = build_optimizer(model, profile)
 
     state = {"epoch": 0, "step": 0, "metrics": [], "random_init": None, "train_seconds": 0.0}
     last_good = None
     if resume:
         ckpt, last_good = load_checkpoint(out, device)
-        if (ckpt["method"], ckpt["profile"], ckpt["seed"]) != (method, profile.name, seed):
-            raise ValueError(f"{last_good} is a {ckpt['method']}/{ckpt['profile']}/seed {ckpt['seed']} "
-                             f"run; cannot resume it as {method}/{profile.name}/seed {seed}")  # fmt: skip
-        if ckpt.get("method_options", {}) != _literal_options(method_options):
-            raise ValueError(f"{last_good} was trained with options {ckpt.get('method_options', {})}; "
-                             f"cannot resume it with {_literal_options(method_options)}")  # fmt: skip
+        _check_resumable(ckpt, last_good, method, profile, seed, options)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng_cpu"].cpu())
@@ -268,110 +286,135 @@ def train(
             log(f"resumed from {last_good} (epoch {state['epoch']} of {profile.epochs})")
     if state["random_init"] is None:
         # The baseline: the same architecture, same seed, before any training.
-        state["random_init"] = evaluate_backbone(encoder, data, profile.eval_batch_size,
-                                                 linear=linear_probe)  # fmt: skip
-        if hasattr(model, "setup"):  # per-image state (a memory bank) built from the untrained encoder
-            # CLIP's captions are generated from the labels (and the images) before training
-            wants_labels = "train_labels" in inspect.signature(model.setup).parameters
-            labels = {"train_labels": data.train_labels} if wants_labels else {}
-            model.setup(data.train_images, profile.eval_batch_size, **labels)
+        state["random_init"] = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=linear_probe)
+        model.setup(data.train_images, data.train_labels, profile.eval_batch_size)  # a bank, captions
 
-    ddp = model
+    runner = model
     if world > 1 and sync_bn:  # BN statistics over the global batch, as SimCLR's large-batch runs
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        ddp = model
+        model = runner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(
+        runner = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
         )
     if profile.compile and device.type == "cuda":
-        ddp = torch.compile(ddp)
+        runner = torch.compile(runner)
 
-    n, batch = len(data.train_images), profile.batch_size
-    steps_per_epoch = n // batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch size {batch} exceeds the {n} training images")
-    total_steps = steps_per_epoch * profile.epochs
-    warmup_steps = int(profile.warmup_epochs * steps_per_epoch)
-
+    if len(data.train_images) < profile.batch_size:
+        raise ValueError(f"batch size {profile.batch_size} exceeds the {len(data.train_images)} training images")
     final = None
     try:
         for epoch in range(state["epoch"], profile.epochs):
-            # The order depends on (seed, epoch) alone, so a resumed run sees the same batches.
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(
-                device
-            )
-            if world > 1:  # each rank draws its own views; seeded per epoch, so a resume stays exact
-                torch.manual_seed((seed * 100003 + epoch) * 1009 + distributed.rank())
-            model.train()
-            t0, loss_sum = time.perf_counter(), 0.0
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{profile.epochs}", leave=False,
-                       disable=not (is_main and _progress_enabled(progress)), dynamic_ncols=True)  # fmt: skip
-            for i in bar:
-                idx = order[i * batch : (i + 1) * batch][distributed.rank() :: world]
-                lr = lr_at(state["step"], total_steps, warmup_steps, peak_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                try:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                        loss = ddp(data.train_images[idx], idx)
-                except NonFiniteInputError as exc:  # the embeddings, not only the loss, went NaN or infinite
-                    raise _stopped(f"the {method} loss got non-finite input ({exc})", epoch + 1, i + 1,
-                                   state["step"] + 1, last_good) from exc  # fmt: skip
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise _stopped(f"the {method} loss became {value}", epoch + 1, i + 1, state["step"] + 1,
-                                   last_good)  # fmt: skip
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                model.on_step_end(state["step"], total_steps)
-                state["step"] += 1
-                loss_sum += value
-                bar.set_postfix(
-                    loss=f"{value:.3f}", img_s=f"{(i + 1) * batch / (time.perf_counter() - t0):.0f}"
-                )
-            bar.close()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            state["train_seconds"] += seconds
-            state["epoch"] = epoch + 1
-            row = {"epoch": epoch + 1, "loss": loss_sum / steps_per_epoch, "lr": lr, "seconds": seconds,
-                   "images_per_second": steps_per_epoch * batch / seconds}  # fmt: skip
+            row = _run_epoch(model, runner, optimizer, data, profile, peak_lr, state, epoch, seed, method,
+                             last_good, show_progress=is_main and _progress_enabled(progress))  # fmt: skip
             if epoch + 1 == profile.epochs:  # the protocol reads the final epoch, never the best one
-                final = evaluate_backbone(encoder, data, profile.eval_batch_size, linear=linear_probe)
+                final = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=linear_probe)
                 row["knn_top1"] = final["knn_top1"]
             elif (epoch + 1) % profile.knn_every == 0:
-                row["knn_top1"] = evaluate_backbone(encoder, data, profile.eval_batch_size, linear=False)[
+                row["knn_top1"] = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=False)[
                     "knn_top1"
                 ]
-            if hasattr(model, "epoch_metrics"):
-                row.update(model.epoch_metrics())
+            row.update(model.epoch_metrics())
             state["metrics"].append(row)
             if is_main:
                 knn = f"  kNN {100 * row['knn_top1']:.1f}%" if "knn_top1" in row else ""
-                log(f"epoch {epoch + 1}/{profile.epochs}  loss {row['loss']:.4f}  lr {lr:.3f}  "
+                log(f"epoch {epoch + 1}/{profile.epochs}  loss {row['loss']:.4f}  lr {row['lr']:.3f}  "
                     f"{row['images_per_second']:.0f} img/s{knn}")  # fmt: skip
                 if out is not None:
-                    last_good = _save_checkpoint(out, model, optimizer, state, method, profile, seed, device,
-                                                 method_options)  # fmt: skip
-                    _write_metrics(out / "metrics.jsonl", state["metrics"])
+                    last_good = _save_checkpoint(out, model, optimizer, state, method, profile, seed, device, options)
+                    write_jsonl(out / "metrics.jsonl", state["metrics"])
     except KeyboardInterrupt:
         if is_main and out is not None:
             where = f"the checkpoint {last_good}" if last_good else "no checkpoint yet (no epoch finished)"
-            log(
-                f"interrupted during epoch {state['epoch'] + 1}; {where} holds the run: call train(..., "
-                "resume=True) or pass --resume to continue it"
-            )
+            log(f"interrupted during epoch {state['epoch'] + 1}; {where} holds the run: call train(..., "
+                "resume=True) or pass --resume to continue it")  # fmt: skip
         raise
 
     if final is None:  # a finished run was resumed: nothing left to train
-        final = evaluate_backbone(encoder, data, profile.eval_batch_size, linear=linear_probe)
-    summary = {
-        "method": method, "method_options": _literal_options(method_options), "profile": profile.name,
-        "epochs": profile.epochs, "seed": seed,
-        "knn_top1": final["knn_top1"], "knn_top1_random_init": state["random_init"]["knn_top1"],
+        final = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=linear_probe)
+    summary = _summary(method, options, profile, seed, final, state, data, peak_lr, device, world, started)
+    if is_main and out is not None:
+        write_json(out / "summary.json", summary)
+    return Run(summary, state["metrics"], model, data)
+
+
+def _prepare_out(out_dir, resume: bool) -> Path | None:
+    """The output folder, created; refuses to overwrite a run or to resume nothing."""
+    if out_dir is None:
+        if resume:
+            raise ValueError("resume=True needs the out_dir of the run to continue")
+        return None
+    out = Path(out_dir)
+    if checkpoint_paths(out) and not resume:
+        raise FileExistsError(f"{out} already holds a run: pass resume=True (--resume) to continue it, or "
+                              "choose another output folder")  # fmt: skip
+    if resume and not checkpoint_paths(out):
+        raise FileNotFoundError(f"nothing to resume: no checkpoint in {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _run_epoch(model: Method, runner, optimizer, data: ImageDataset, profile: Profile, peak_lr: float,
+               state: dict, epoch: int, seed: int, method: str, last_good: Path | None,
+               show_progress: bool) -> dict:  # fmt: skip
+    """One pass over the training images; returns the epoch's row of metrics (loss, lr, speed).
+
+    The loss and its finiteness stay on the device: a GPU is waited for only every
+    `CHECK_EVERY_CUDA` steps, and the error still names the first bad step.
+    """
+    device, n, batch = data.train_images.device, len(data.train_images), profile.batch_size
+    rank, world = distributed.rank(), distributed.world_size()
+    steps_per_epoch = n // batch
+    total_steps, warmup_steps = steps_per_epoch * profile.epochs, int(profile.warmup_epochs * steps_per_epoch)
+    check_every = CHECK_EVERY_CUDA if device.type == "cuda" else 1
+    use_amp = profile.amp and device.type == "cuda"
+    # The order depends on (seed, epoch) alone, so a resumed run sees the same batches.
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(device)
+    if world > 1:  # each rank draws its own views; seeded per epoch, so a resume stays exact
+        torch.manual_seed((seed * 100003 + epoch) * 1009 + rank)
+    model.train()
+    t0 = time.perf_counter()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the first non-finite step, if any
+    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{profile.epochs}", leave=False,
+               disable=not show_progress, dynamic_ncols=True)  # fmt: skip
+    for i in bar:
+        idx = order[i * batch : (i + 1) * batch][rank::world]
+        lr = lr_at(state["step"], total_steps, warmup_steps, peak_lr)
+        check = (i + 1) % check_every == 0 or i + 1 == steps_per_epoch
+        try:
+            loss = train_step(model, optimizer, data.train_images[idx], idx, lr, state["step"], total_steps,
+                              runner, use_amp, check=check_every == 1)  # fmt: skip
+        except NonFiniteLossError as exc:
+            raise _stopped(f"the {method} {exc}", epoch + 1, i + 1, state["step"] + 1, last_good) from exc
+        except NonFiniteInputError as exc:  # the embeddings, not only the loss, went NaN or infinite
+            raise _stopped(f"the {method} loss got non-finite input ({exc})", epoch + 1, i + 1,
+                           state["step"] + 1, last_good) from exc  # fmt: skip
+        if check_every > 1:
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), state["step"], first_bad)
+        state["step"] += 1
+        loss_sum += loss.double()
+        if check and check_every > 1 and (bad := int(first_bad)) >= 0:
+            step_in_epoch = bad - (state["step"] - (i + 1)) + 1
+            raise _stopped(f"the {method} loss became non-finite", epoch + 1, step_in_epoch, bad + 1, last_good,
+                           before_update=False)  # fmt: skip
+        if check:
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{(i + 1) * batch / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    state["train_seconds"] += seconds
+    state["epoch"] = epoch + 1
+    return {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": lr, "seconds": seconds,
+            "images_per_second": steps_per_epoch * batch / seconds}  # fmt: skip
+
+
+def _summary(method, options, profile, seed, final, state, data, peak_lr, device, world, started) -> dict:
+    """What summary.json records: the protocol's numbers beside the random init, time, and where it ran."""
+    n, batch = len(data.train_images), profile.batch_size
+    return {
+        "method": method, "method_options": options, "profile": profile.name, "epochs": profile.epochs,
+        "seed": seed, "knn_top1": final["knn_top1"], "knn_top1_random_init": state["random_init"]["knn_top1"],
         "linear_top1": final.get("linear_top1"),
         "linear_top1_random_init": state["random_init"].get("linear_top1"),
         "train_images": n, "test_images": len(data.test_images), "batch_size": batch, "lr": peak_lr,
@@ -380,19 +423,11 @@ def train(
         "device": device_description(device), "world_size": world, "torch": torch.__version__,
         "python": sys.version.split()[0], "commit": git_commit(), "data": data.source,
     }  # fmt: skip
-    if is_main and out is not None:
-        _write_json(out / "summary.json", summary)
-    return Run(summary, state["metrics"], model, data)
-
-
-def _literal_options(options: dict | None) -> dict:
-    """The method options a checkpoint can record and `weights_only` loading can read back."""
-    return {k: v for k, v in (options or {}).items() if isinstance(v, (bool, int, float, str))}
 
 
 def _save_checkpoint(out, model, optimizer, state, method, profile, seed, device, options) -> Path:
     ckpt = {
-        "method": method, "profile": profile.name, "seed": seed, "method_options": _literal_options(options),
+        "method": method, "profile": profile.name, "seed": seed, "method_options": options,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
@@ -412,11 +447,9 @@ def evaluate_checkpoint(out_dir: str | os.PathLike, data: ImageDataset | None = 
     profile = Profile(**ckpt["profile_fields"])
     device = torch.device(profile.device)
     data = profile_data(profile, data, device)
-    backbone = build_backbone(profile.backbone, in_channels=data.train_images.shape[1])
-    model = build_method(ckpt["method"], backbone, len(data.train_images), backbone_name=profile.backbone,
-                         **ckpt.get("method_options", {})).to(device)  # fmt: skip
+    model = build_model(ckpt["method"], profile, len(data.train_images), data.train_images.shape[1],
+                        restored_options(ckpt["method_options"]), ckpt["seed"], device)  # fmt: skip
     model.load_state_dict(ckpt["model"])
-    encoder = getattr(model, "encoder", backbone)
-    result = evaluate_backbone(encoder, data, profile.eval_batch_size, linear=linear_probe)
+    result = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=linear_probe)
     return {"checkpoint": str(path), "method": ckpt["method"], "profile": profile.name,
             "epoch": ckpt["epoch"], **result}  # fmt: skip

@@ -1,21 +1,14 @@
-"""One file per method. Each is an `nn.Module` whose `forward(images, indices)`
-is its training step: it receives a uint8 batch on the device and the batch's
-dataset indices, draws its own views, and returns the loss. `epoch_metrics()`,
-when a method has it, adds method-specific numbers to each epoch's metrics;
-`setup(train_images, batch_size[, train_labels])`, when present, builds per-image state
-before training (CLIP's captions need the labels);
-`lr_scale` scales the profile's learning rate (which is tuned for SimCLR) and
-`epoch_scale` its number of epochs;
-`encoder`, when present, is what evaluation reads instead of the bare backbone;
-`adamw_weight_decay`, when set, trains with AdamW instead of SGD (the ViT methods).
-Per-step state updates (momentum encoders, queues, centers) go in `on_step_end`."""
+"""One file per method, each a subclass of `base.Method` (the interface the training loop reads).
+
+`build_method(name, backbone, num_images, in_channels, **options)` builds one by name; the
+options are its constructor's keyword arguments, every one with a default.
+"""
 
 from __future__ import annotations
 
 import inspect
 
-from torch import nn
-
+from .base import Method, Spec
 from .byol import BYOL
 from .clip import CLIP
 from .cmc import CMC
@@ -28,7 +21,7 @@ from .mocov3 import MoCoV3
 from .simclr import SimCLR
 from .simsiam import SimSiam
 
-METHODS: dict[str, type[nn.Module]] = {
+METHODS: dict[str, type[Method]] = {
     "byol": BYOL,
     "clip": CLIP,
     "cmc": CMC,
@@ -44,29 +37,32 @@ METHODS: dict[str, type[nn.Module]] = {
 }
 
 
-def check_method(name: str, options: dict | None = None) -> None:
-    """Refuse an unknown method or option name, listing the valid ones; needs no model or data."""
+def method_options(name: str) -> dict[str, inspect.Parameter]:
+    """The options of method `name`: its constructor's parameters after the spec, by name."""
+    return dict(list(inspect.signature(METHODS[name]).parameters.items())[1:])
+
+
+def check_method(name: str, options: dict | None = None) -> type[Method]:
+    """The class of method `name`; an unknown method or option name is an error listing the valid ones."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
-    accepted = set(inspect.signature(METHODS[name]).parameters) - {"backbone", "num_images", "backbone_name"}
-    unknown = sorted(set(options or {}) - accepted)
+    accepted = method_options(name)
+    unknown = sorted(set(options or {}) - set(accepted))
     if unknown:
         raise ValueError(f"{name} has no option {', '.join(map(repr, unknown))}; "
                          f"its options are {', '.join(sorted(accepted)) or 'none'}")  # fmt: skip
+    return METHODS[name]
 
 
 def build_method(
-    name: str, backbone: nn.Module, num_images: int, backbone_name: str | None = None, **options
-) -> nn.Module:
-    """The method `name` around `backbone`; an unknown name is an error listing the valid ones.
+    name: str, backbone: str = "convnet_small", num_images: int = 0, in_channels: int = 3, **options
+) -> Method:
+    """Method `name` built on the backbone called `backbone`, for `num_images` training images of
+    `in_channels` channels (per-image state: a memory bank, captions); `options` go to its constructor."""
+    if not isinstance(backbone, str):
+        raise TypeError(f"backbone is the backbone's name, one of contrastive.models.BACKBONES, got "
+                        f"{type(backbone).__name__}; the method builds its own encoders")  # fmt: skip
+    return check_method(name, options)(Spec(backbone, num_images, in_channels), **options)
 
-    Methods that keep per-image state (a memory bank) receive the number of training images;
-    methods that build encoders of their own (CMC's half-width pair) receive the backbone's name.
-    """
-    check_method(name, options)
-    cls = METHODS[name]
-    if "num_images" in inspect.signature(cls).parameters:
-        options["num_images"] = num_images
-    if "backbone_name" in inspect.signature(cls).parameters:
-        options["backbone_name"] = backbone_name
-    return cls(backbone, **options)
+
+__all__ = ["METHODS", "Method", "Spec", "build_method", "check_method", "method_options"]

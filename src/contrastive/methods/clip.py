@@ -6,7 +6,9 @@ space; the loss is `clip_loss`, the symmetric cross-entropy over the N x N cosin
 similarities times a learned logit scale s = exp(min(log s, log 100)) = 1/tau,
 started at 1/0.07 as in the paper. `on_step_end` clamps the log-scale itself at
 log 100 as well (the paper's clipping), so it cannot drift above the cap where the
-clamp would hide its gradient.
+clamp would hide its gradient. The cap is a buffer in the parameter's own dtype: the
+clipped parameter then equals the cap exactly, and the clamp passes its gradient
+there whatever precision torch compares a tensor and a Python float in.
 
 Captions: CIFAR-10 has none, so `setup` writes five per training image
 (`contrastive.text.generate_captions`: templates, class synonyms and attributes
@@ -32,23 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..augment import Recipe, augment
+from ..augment import CLIP_CIFAR, Recipe, augment
 from ..distributed import gather_with_grad
 from ..evaluate import extract_features
 from ..losses import clip_loss
 from ..text import CIFAR10_CLASSES, TextEncoder, Tokenizer, generate_captions
+from .base import Method, Spec
 
-CLIP_CIFAR = Recipe(scale=(0.5, 1.0), jitter_p=0.0, gray_p=0.0)
 
-
-class CLIP(nn.Module):
+class CLIP(Method):
     lr_scale = 1e-3  # AdamW at 5e-4 for batch 256 (the paper's rate), against the profiles' SGD rate 0.5
     adamw_weight_decay = 0.1  # a transformer trains with AdamW; the paper uses 0.2 at a far larger scale
 
     def __init__(
         self,
-        backbone: nn.Module,
-        num_images: int,
+        spec: Spec,
         embed_dim: int = 128,
         captions_per_image: int = 5,
         vocab_size: int = 256,
@@ -68,29 +68,25 @@ class CLIP(nn.Module):
                              f"{max_logit_scale}; got init_temperature {init_temperature}")  # fmt: skip
         if captions_per_image < 1:
             raise ValueError(f"captions_per_image must be at least 1, got {captions_per_image}")
-        self.backbone = backbone
-        self.image_projection = nn.Linear(backbone.out_dim, embed_dim, bias=False)
+        self.backbone = spec.build_backbone()
+        self.image_projection = nn.Linear(self.backbone.out_dim, embed_dim, bias=False)
         self.text_encoder = TextEncoder(vocab_size, context_length, text_dim, text_depth, text_heads,
                                         out_dim=embed_dim)  # fmt: skip
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
-        self.max_log_scale = math.log(max_logit_scale)
+        self.register_buffer("log_scale_cap", torch.tensor(math.log(max_logit_scale)))
         self.caption_seed, self.classes, self.recipe = caption_seed, tuple(classes), recipe
         # Fixed shapes, filled by setup: they must exist before load_state_dict on a resume.
-        self.register_buffer("caption_tokens", torch.zeros(num_images, captions_per_image, context_length,
+        self.register_buffer("caption_tokens", torch.zeros(spec.num_images, captions_per_image, context_length,
                                                            dtype=torch.int32))  # fmt: skip
         self.register_buffer("vocabulary", torch.zeros(vocab_size, 24, dtype=torch.uint8))
-        self._steps: list[torch.Tensor] = []
 
     @torch.no_grad()
-    def setup(self, train_images: torch.Tensor, batch_size: int = 1000,
-              train_labels: torch.Tensor | None = None) -> None:  # fmt: skip
+    def setup(self, train_images: torch.Tensor, train_labels: torch.Tensor, batch_size: int = 1000) -> None:
         """Write the captions of every training image, build the tokenizer, store both as buffers."""
-        if train_labels is None:
-            raise ValueError("CLIP's captions name each image's class, so setup needs train_labels: call "
-                             "setup(train_images, batch_size, train_labels)")  # fmt: skip
         n, k, length = self.caption_tokens.shape
-        if len(train_images) != n:
-            raise ValueError(f"this CLIP was built for {n} training images, got {len(train_images)}")
+        if len(train_images) != n or len(train_labels) != n:
+            raise ValueError(f"this CLIP was built for {n} training images, got {len(train_images)} images "
+                             f"and {len(train_labels)} labels")  # fmt: skip
         generator = torch.Generator().manual_seed(self.caption_seed)
         captions = generate_captions(train_images, train_labels, self.classes, k, generator,
                                      batch_size=batch_size)  # fmt: skip
@@ -103,44 +99,42 @@ class CLIP(nn.Module):
     def tokenizer(self) -> Tokenizer:
         """The tokenizer `setup` built, read back from the `vocabulary` buffer."""
         if not self.vocabulary.any():
-            raise RuntimeError("CLIP has no vocabulary yet: call setup(train_images, batch_size, "
-                               "train_labels) or load a trained state_dict first")  # fmt: skip
+            raise RuntimeError("CLIP has no vocabulary yet: call setup(train_images, train_labels) or load a "
+                               "trained state_dict first")  # fmt: skip
         return Tokenizer.from_tensor(self.vocabulary)
 
     def logit_scale(self) -> torch.Tensor:
-        """s = exp(min(log s, log max_logit_scale)) = 1/temperature, with its gradient below the cap."""
-        return self.log_logit_scale.clamp(max=self.max_log_scale).exp()
+        """s = exp(min(log s, log max_logit_scale)) = 1/temperature, with its gradient up to the cap."""
+        return self.log_logit_scale.clamp(max=self.log_scale_cap).exp()
 
     def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The training step: uint8 images (B, C, H, W) and their dataset indices -> CLIP loss."""
+        """Uint8 images (B, C, H, W) and their dataset indices -> the CLIP loss against one caption each."""
         choice = torch.randint(self.caption_tokens.shape[1], (len(indices),), device=indices.device)
         tokens = self.caption_tokens[indices, choice]
         image_emb = self.image_projection(self.backbone(augment(images, self.recipe)))
         text_emb = self.text_encoder(tokens)
         image_emb, text_emb = gather_with_grad(image_emb), gather_with_grad(text_emb)
         scale = self.logit_scale()
-        with torch.no_grad():  # each direction's loss, kept on the device until the epoch ends (no sync)
-            logits = scale * F.normalize(image_emb.float(), dim=1) @ F.normalize(text_emb.float(), dim=1).T
-            targets = torch.arange(len(logits), device=logits.device)
-            directions = [F.cross_entropy(logits, targets), F.cross_entropy(logits.T, targets)]
-            self._steps.append(torch.stack(directions))
+        self.log_directions(image_emb, text_emb, scale)
         return clip_loss(image_emb, text_emb, scale)
 
-    training_step = forward
+    @torch.no_grad()
+    def log_directions(self, image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor) -> None:
+        """Each direction's cross-entropy: image -> text (rows) and text -> image (columns)."""
+        logits = scale * F.normalize(image_emb.float(), dim=1) @ F.normalize(text_emb.float(), dim=1).T
+        targets = torch.arange(len(logits), device=logits.device)
+        self.log("loss_image_to_text", F.cross_entropy(logits, targets))
+        self.log("loss_text_to_image", F.cross_entropy(logits.T, targets))
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Clip the learned log-scale at log max_logit_scale, as the paper does after each update."""
-        self.log_logit_scale.clamp_(max=self.max_log_scale)
+        self.log_logit_scale.clamp_(max=self.log_scale_cap)
 
     def epoch_metrics(self) -> dict:
         """The logit scale and temperature now, and each direction's loss, mean over the epoch's steps."""
-        steps, self._steps = self._steps, []
         scale = self.logit_scale().item()
-        out = {"logit_scale": scale, "temperature": 1 / scale}
-        if steps:
-            out["loss_image_to_text"], out["loss_text_to_image"] = torch.stack(steps).mean(0).tolist()
-        return out
+        return {"logit_scale": scale, "temperature": 1 / scale, **super().epoch_metrics()}
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:

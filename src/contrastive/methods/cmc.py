@@ -24,14 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..augment import CIFAR10_MEAN, CIFAR10_STD, Recipe, augment, rgb_to_lab
+from ..augment import CIFAR10_MEAN, CIFAR10_STD, CMC_CIFAR, Recipe, augment, rgb_to_lab
 from ..distributed import gather_with_grad
 from ..losses import multiview_info_nce
-from ..models import build_backbone, embedding_head
-
-# CMC's recipe: random crop and flip only.
-CMC_CIFAR = Recipe(scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0)
-
+from ..models import embedding_head
+from .base import Method, Spec
 
 def split_lab(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised RGB (B, 3, H, W) with CIFAR-10 statistics -> (L, ab), each scaled to about [-1, 1]."""
@@ -57,13 +54,12 @@ class LabEncoder(nn.Module):
         return torch.cat(self.views(x), dim=1)
 
 
-class CMC(nn.Module):
+class CMC(Method):
     lr_scale = 0.2  # the profiles' SimCLR rate is tuned for tau = 0.5; tau = 0.07 needs smaller steps
 
     def __init__(
         self,
-        backbone: nn.Module,
-        backbone_name: str | None = None,
+        spec: Spec,
         views: str = "lab",
         feature_dim: int = 128,
         temperature: float = 0.07,
@@ -73,19 +69,14 @@ class CMC(nn.Module):
         if views not in ("lab", "rgb"):
             raise ValueError(f"views must be 'lab' (CMC) or 'rgb' (one encoder, two crops), got {views!r}")
         self.views, self.temperature, self.recipe = views, temperature, recipe
-        if views == "lab":
-            if backbone_name is None:
-                raise ValueError("CMC with views='lab' builds its two half-width encoders from backbone_name")
-            self.encoder = LabEncoder(
-                build_backbone(backbone_name, in_channels=1, width=0.5),
-                build_backbone(backbone_name, in_channels=2, width=0.5),
-            )
+        if views == "lab":  # two half-width encoders, one on L, one on ab
+            self.encoder = LabEncoder(spec.build_backbone(in_channels=1, width=0.5),
+                                      spec.build_backbone(in_channels=2, width=0.5))  # fmt: skip
             nets = (self.encoder.l_net, self.encoder.ab_net)
             self.heads = nn.ModuleList([embedding_head(net.out_dim, feature_dim) for net in nets])
         else:
-            self.encoder = backbone
-            self.heads = nn.ModuleList([embedding_head(backbone.out_dim, feature_dim)])
-        self._correct, self._total, self._batch, self._losses = 0, 0, 0, []
+            self.encoder = spec.build_backbone()
+            self.heads = nn.ModuleList([embedding_head(self.encoder.out_dim, feature_dim)])
 
     def embeddings(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two views' embeddings (B, feature_dim) each, before normalisation."""
@@ -95,28 +86,18 @@ class CMC(nn.Module):
         x = torch.cat([augment(images, self.recipe), augment(images, self.recipe)])  # two crops
         return self.heads[0](self.encoder(x)).chunk(2)
 
-    def forward(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """The training step: images (B, 3, H, W) uint8 -> L(v1 -> v2) + L(v2 -> v1)."""
+    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) uint8 -> L(v1 -> v2) + L(v2 -> v1) over the batch (indices not needed)."""
         z1, z2 = self.embeddings(images)
         z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
         loss = multiview_info_nce([z1, z2], self.temperature)
-        with torch.no_grad():  # top-1 of the v1 -> v2 direction: is the partner the nearest row?
-            sims = F.normalize(z1.float(), dim=1) @ F.normalize(z2.float(), dim=1).T
-            self._correct += (sims.argmax(1) == torch.arange(len(sims), device=sims.device)).sum().item()
-            self._total += len(sims)
-            self._losses.append(loss.item() / 2)
-            self._batch = len(sims)
+        self.log_views(z1, z2, loss)
         return loss
 
-    training_step = forward
-
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        """CMC keeps no state beyond its weights."""
-
-    def epoch_metrics(self) -> dict:
-        """Top-1 of picking the partner view among the batch, and the bound log K - L per direction."""
-        out = {"view_accuracy": self._correct / max(self._total, 1)}
-        if self._losses:
-            out["mi_bound"] = math.log(self._batch) - sum(self._losses) / len(self._losses)
-        self._correct, self._total, self._losses = 0, 0, []
-        return out
+    @torch.no_grad()
+    def log_views(self, z1: torch.Tensor, z2: torch.Tensor, loss: torch.Tensor) -> None:
+        """Top-1 of picking the partner view among the batch (v1 -> v2), and the bound log K - L per
+        direction."""
+        sims = F.normalize(z1.float(), dim=1) @ F.normalize(z2.float(), dim=1).T
+        self.log("view_accuracy", (sims.argmax(1) == torch.arange(len(sims), device=sims.device)).float().mean())
+        self.log("mi_bound", math.log(len(sims)) - loss.detach().float() / 2)

@@ -14,12 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..augment import Recipe, augment
+from ..augment import CPC_CIFAR, Recipe, augment
 from ..losses import info_nce
+from .base import Method, Spec
 
 PATCH, STRIDE = 16, 8
-# Mild augmentation of the whole image: the task itself, predicting unseen patches, is the pretext.
-CPC_CIFAR = Recipe(scale=(0.5, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, gray_p=0.2)
 
 
 def patch_grid(x: torch.Tensor) -> torch.Tensor:
@@ -47,30 +46,28 @@ class PatchEncoder(nn.Module):
         return self.patch_features(x).mean(dim=(1, 2))
 
 
-class CPC(nn.Module):
+class CPC(Method):
     # Nine 16 x 16 patches cost more per image than two 32 x 32 views; 60% of the profile's
     # epochs keeps a cpu-profile run near five minutes.
     epoch_scale = 0.6
 
     def __init__(
         self,
-        backbone: nn.Module,
+        spec: Spec,
         max_offset: int = 2,
         num_negatives: int = 1024,
         temperature: float = 0.1,
         recipe: Recipe = CPC_CIFAR,
     ):
         super().__init__()
-        self.encoder = PatchEncoder(backbone)
-        d = backbone.out_dim
+        self.encoder = PatchEncoder(spec.build_backbone())
+        d = self.encoder.out_dim
         self.context = nn.GRU(d, d, batch_first=True)
         self.predictors = nn.ModuleList([nn.Linear(d, d, bias=False) for _ in range(max_offset)])
         self.num_negatives, self.temperature, self.recipe = num_negatives, temperature, recipe
-        self._correct = torch.zeros(max_offset)
-        self._total = torch.zeros(max_offset)
 
-    def forward(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """The training step: images (B, C, 32, 32) uint8 -> mean InfoNCE over prediction offsets."""
+    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, 32, 32) uint8 -> mean InfoNCE over prediction offsets (indices not needed)."""
         z = self.encoder.patch_features(augment(images, self.recipe))  # (B, rows, cols, D)
         b, rows, cols, d = z.shape
         columns = z.permute(0, 2, 1, 3).reshape(b * cols, rows, d)  # the GRU runs down each column
@@ -83,20 +80,11 @@ class CPC(nn.Module):
             query = F.normalize(predictor(c[:, : rows - k].reshape(-1, d)), dim=1)
             target = z[:, k:].reshape(-1, d)
             loss = loss + info_nce(query, target, negatives, self.temperature)
-            with torch.no_grad():  # top-1: does the true patch outscore every negative?
-                pos = (query * target).sum(1)
-                self._correct[k - 1] += (pos > (query @ negatives.T).max(1).values).sum().item()
-                self._total[k - 1] += len(query)
+            self.log_top1(k, query, target, negatives)
         return loss / len(self.predictors)
 
-    training_step = forward
-
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        """CPC keeps no state beyond its weights."""
-
-    def epoch_metrics(self) -> dict:
-        """InfoNCE top-1 accuracy per prediction offset k over the epoch."""
-        accuracy = self._correct / self._total.clamp_min(1)
-        self._correct.zero_()
-        self._total.zero_()
-        return {f"cpc_accuracy_k{k}": a.item() for k, a in enumerate(accuracy, start=1)}
+    @torch.no_grad()
+    def log_top1(self, k: int, query: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor) -> None:
+        """InfoNCE top-1 at offset k: does the true patch outscore every negative?"""
+        positive = (query * target).sum(1)
+        self.log(f"cpc_accuracy_k{k}", (positive > (query @ negatives.T).max(1).values).float().mean())

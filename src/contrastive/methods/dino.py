@@ -17,21 +17,15 @@ and `center_norm` ||c||. The backbone is the profile's; `vit="vit_tiny"` trains 
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..augment import Recipe, augment
+from ..augment import DINO_GLOBAL, DINO_LOCAL, Recipe, augment
 from ..distributed import concat_all_gather
 from ..losses import dino_loss
-from ..models import VITS, DINOHead, build_backbone, in_channels_of
-from .byol import TAU_BASE, target_momentum
-
-# DINO's crop scales: global crops cover 40-100% of the image, local crops 5-40%, at half the size.
-DINO_GLOBAL = Recipe(scale=(0.4, 1.0), jitter=(0.4, 0.4, 0.2, 0.1))
-DINO_LOCAL = Recipe(size=16, scale=(0.05, 0.4), jitter=(0.4, 0.4, 0.2, 0.1))
+from ..models import VITS, DINOHead
+from .base import Method, Spec
+from .momentum import TAU_BASE, check_momentum, cosine_momentum, ema_update, momentum_copy
 
 
 def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
@@ -39,12 +33,12 @@ def update_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: 
     return momentum * center + (1.0 - momentum) * teacher_logits.to(center.dtype).mean(0, keepdim=True)
 
 
-class DINO(nn.Module):
+class DINO(Method):
     epoch_scale = 0.5  # a step costs about twice SimCLR's on a CPU (six crops and a teacher forward)
 
     def __init__(
         self,
-        backbone: nn.Module,
+        spec: Spec,
         vit: str | None = None,
         out_dim: int = 1024,
         local_crops: int = 4,
@@ -70,20 +64,18 @@ class DINO(nn.Module):
             raise ValueError(f"sharpening=True needs teacher_temp below student_temp, got {teacher_temp} >= "
                              f"{student_temp}; sharpening=False puts the teacher at the student's "
                              "temperature")  # fmt: skip
-        for name, value in (("center_momentum", center_momentum), ("tau_base", tau_base)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        check_momentum("center_momentum", center_momentum)
+        check_momentum("tau_base", tau_base)
         if vit is not None and vit not in VITS:
             raise ValueError(f"vit must name a ViT, one of {VITS}, or be None for the profile's backbone; "
                              f"got {vit!r}")  # fmt: skip
-        self.encoder = build_backbone(vit, in_channels=in_channels_of(backbone)) if vit else backbone
+        self.encoder = spec.build_backbone(vit)
         # ConvNet features are non-negative and start in a narrow cone: every image gets nearly the same
         # logits, the centered teacher is then almost uniform and stays so (H(P_t) 6.4 of log K = 6.9 after
         # 240 convnet_tiny steps); BN in the head spreads them (H(P_t) about 5). None: BN unless a ViT.
         self.head_bn = not vit if head_bn is None else head_bn
         self.head = DINOHead(self.encoder.out_dim, out_dim, batchnorm=self.head_bn)
-        self.teacher = copy.deepcopy(nn.Sequential(self.encoder, self.head))
-        self.teacher.requires_grad_(False)
+        self.teacher = momentum_copy(self.encoder, self.head)
         self.local_crops, self.student_temp, self.center_momentum = local_crops, student_temp, center_momentum
         self.teacher_temp = teacher_temp if sharpening else student_temp
         self.centering, self.sharpening, self.tau_base = centering, sharpening, tau_base
@@ -94,10 +86,6 @@ class DINO(nn.Module):
             self.lr_scale = 0.1
         self.register_buffer("center", torch.zeros(1, out_dim))
         self._teacher_logits: torch.Tensor | None = None
-        self._rows: list[torch.Tensor] = []
-
-    def _student_parameters(self) -> list[torch.Tensor]:
-        return [*self.encoder.parameters(), *self.head.parameters()]
 
     def loss(self, global_crops: list[torch.Tensor], local_crops: list[torch.Tensor]) -> torch.Tensor:
         """2 global and L local crops, each (N, C, H, W) -> the mean of H(P_t(i), P_s(j)) over i != j."""
@@ -111,22 +99,25 @@ class DINO(nn.Module):
         pairs = [(i, j) for i in range(2) for j in range(len(student)) if j != i]
         loss = sum(dino_loss(student[j], teacher[i], center, self.student_temp, self.teacher_temp)
                    for i, j in pairs) / len(pairs)  # fmt: skip
-        with torch.no_grad():
-            p_t = F.softmax((teacher_logits.float() - center) / self.teacher_temp, dim=1)
-            entropy = torch.special.entr(p_t).sum(1).mean()  # entr(p) = -p log p, 0 at p = 0
-            marginal_entropy = torch.special.entr(p_t.mean(0)).sum()
-            # Every teacher crop meets as many student crops, so the pairs' mean of H(P_t) is this entropy.
-            self._rows.append(torch.stack([entropy, loss.detach().float() - entropy, marginal_entropy]))
-            self._teacher_logits = concat_all_gather(teacher_logits.float())
+        self.log_teacher(teacher_logits, center, loss)
+        self._teacher_logits = concat_all_gather(teacher_logits.float())  # for the centre's update
         return loss
 
-    def forward(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """The training step: images (N, C, H, W) uint8 -> the multi-crop loss (indices are not needed)."""
+    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) uint8 -> the multi-crop loss (the indices are not needed)."""
         global_crops = [augment(images, self.global_recipe) for _ in range(2)]
         local_crops = [augment(images, self.local_recipe) for _ in range(self.local_crops)]
         return self.loss(global_crops, local_crops)
 
-    training_step = forward
+    @torch.no_grad()
+    def log_teacher(self, teacher_logits: torch.Tensor, center: torch.Tensor, loss: torch.Tensor) -> None:
+        """H(P_t), KL(P_t || P_s) = H(P_t, P_s) - H(P_t), and H(mean P_t) of this step."""
+        p_t = F.softmax((teacher_logits.float() - center) / self.teacher_temp, dim=1)
+        entropy = torch.special.entr(p_t).sum(1).mean()  # entr(p) = -p log p, 0 at p = 0
+        self.log("teacher_entropy", entropy)
+        # Every teacher crop meets as many student crops, so the pairs' mean of H(P_t) is this entropy.
+        self.log("teacher_student_kl", loss.detach().float() - entropy)
+        self.log("teacher_marginal_entropy", torch.special.entr(p_t.mean(0)).sum())
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
@@ -134,16 +125,9 @@ class DINO(nn.Module):
         if self._teacher_logits is not None:
             self.center.copy_(update_center(self.center, self._teacher_logits, self.center_momentum))
             self._teacher_logits = None
-        tau = target_momentum(step, total_steps, self.tau_base)
-        teacher = list(self.teacher.parameters())
-        torch._foreach_mul_(teacher, tau)
-        torch._foreach_add_(teacher, self._student_parameters(), alpha=1.0 - tau)
+        tau = cosine_momentum(step, total_steps, self.tau_base)
+        ema_update(self.teacher.parameters(), [*self.encoder.parameters(), *self.head.parameters()], tau)
 
     def epoch_metrics(self) -> dict:
         """Means over the epoch's steps of H(P_t), KL(P_t || P_s) and H(mean P_t); ||c|| now."""
-        out = {"center_norm": self.center.norm().item()}
-        if self._rows:
-            entropy, kl, marginal = torch.stack(self._rows).mean(0).tolist()
-            out.update(teacher_entropy=entropy, teacher_student_kl=kl, teacher_marginal_entropy=marginal)
-        self._rows = []
-        return out
+        return {"center_norm": self.center.norm().item(), **super().epoch_metrics()}

@@ -16,24 +16,20 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..augment import Recipe, augment, eval_transform
+from ..augment import INSTDISC_CIFAR, Recipe, augment, eval_transform
 from ..distributed import gather_with_grad
 from ..losses import nce_loss
 from ..models import embedding_head
-
-# The paper's CIFAR/ImageNet recipe: milder than SimCLR's (crops of at least 20%, jitter always on).
-INSTDISC_CIFAR = Recipe(scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2)
+from .base import Method, Spec
 
 
-class InstDisc(nn.Module):
+class InstDisc(Method):
     lr_scale = 0.06  # the paper's 0.03 at batch 256, against the profiles' SimCLR rate of 0.5
 
     def __init__(
         self,
-        backbone: nn.Module,
-        num_images: int,
+        spec: Spec,
         feature_dim: int = 128,
         num_noise: int = 4096,
         temperature: float = 0.07,
@@ -44,16 +40,15 @@ class InstDisc(nn.Module):
         super().__init__()
         if not 0 < num_noise:
             raise ValueError(f"num_noise must be positive, got {num_noise}")
-        self.backbone = backbone
-        self.head = embedding_head(backbone.out_dim, feature_dim)  # BN after the linear map: see there
+        self.backbone = spec.build_backbone()
+        self.head = embedding_head(self.backbone.out_dim, feature_dim)  # BN after the linear map: see there
         self.num_noise, self.temperature = num_noise, temperature
         self.bank_momentum, self.proximal, self.recipe = bank_momentum, proximal, recipe
-        self.register_buffer("bank", F.normalize(torch.randn(num_images, feature_dim), dim=1))
+        self.register_buffer("bank", F.normalize(torch.randn(spec.num_images, feature_dim), dim=1))
         self.register_buffer("normaliser", torch.zeros(()))  # 0 until estimated on the first batch
-        self._estimates: list[float] = []
 
     @torch.no_grad()
-    def setup(self, train_images: torch.Tensor, batch_size: int = 1000) -> None:
+    def setup(self, train_images: torch.Tensor, train_labels: torch.Tensor, batch_size: int = 1000) -> None:
         """Fill the bank with the untrained encoder's features of every training image.
 
         The paper starts from random vectors; with a budget of a few epochs the
@@ -67,43 +62,35 @@ class InstDisc(nn.Module):
         ]
         self.bank.copy_(torch.cat(chunks).float())
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.backbone(augment(images, self.recipe))), dim=1)
-
     def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """The training step: images (B, C, H, W) uint8 and their dataset indices -> NCE loss."""
-        f = self.embed(images)
+        """Images (B, C, H, W) uint8 and their dataset indices -> NCE loss against the bank."""
+        f = F.normalize(self.head(self.backbone(augment(images, self.recipe))), dim=1)
         n = len(self.bank)
         noise = torch.randint(0, n, (self.num_noise,), device=f.device)  # shared by the batch
         positive_sim = (f * self.bank[indices]).sum(1)
         noise_sim = f @ self.bank[noise].T
-        with torch.no_grad():
-            # Z = sum_j exp(v_j.f / tau) ~ n * mean over the noise samples (Monte Carlo).
-            estimate = n * (noise_sim.float() / self.temperature).exp().mean()
-            self._estimates.append(estimate.item())
-            if self.normaliser == 0:
-                self.normaliser.copy_(estimate)
+        self.estimate_normaliser(noise_sim)
         loss = nce_loss(positive_sim.float(), noise_sim.float(), self.temperature, self.normaliser, n)
         if self.proximal > 0:  # lambda ||v_i^(t) - v_i^(t-1)||^2 keeps an image's feature near its memory
             loss = loss + self.proximal * (f - self.bank[indices]).pow(2).sum(1).mean()
         self._update_bank(f.detach(), indices)
         return loss
 
-    training_step = forward
+    @torch.no_grad()
+    def estimate_normaliser(self, noise_sim: torch.Tensor) -> None:
+        """Z = sum_j exp(v_j.f / tau) ~ n * the mean over the noise samples (Monte Carlo); the first
+        batch's estimate is kept as the fixed normaliser, every batch's is logged."""
+        estimate = len(self.bank) * (noise_sim.float() / self.temperature).exp().mean()
+        self.normaliser.copy_(torch.where(self.normaliser == 0, estimate, self.normaliser))
+        self.log("normaliser_estimate", estimate)
 
     @torch.no_grad()
     def _update_bank(self, f: torch.Tensor, indices: torch.Tensor) -> None:
+        """v_i <- normalise(momentum * v_i + (1 - momentum) * f_i) for the batch (all ranks' images)."""
         f, indices = gather_with_grad(f.float()), gather_with_grad(indices)
         mixed = self.bank_momentum * self.bank[indices] + (1 - self.bank_momentum) * f
         self.bank[indices] = F.normalize(mixed, dim=1)
 
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        """The bank is updated inside the step, where the features are at hand."""
-
     def epoch_metrics(self) -> dict:
         """The fixed normaliser and the mean of this epoch's Monte Carlo estimates."""
-        estimates, self._estimates = self._estimates, []
-        out = {"normaliser": self.normaliser.item()}
-        if estimates:
-            out["normaliser_estimate"] = sum(estimates) / len(estimates)
-        return out
+        return {"normaliser": self.normaliser.item(), **super().epoch_metrics()}

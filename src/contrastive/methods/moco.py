@@ -24,18 +24,18 @@ order, the setting in which the cheating is possible.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..augment import SIMCLR_CIFAR, Recipe, augment
+from ..augment import INSTDISC_CIFAR, MOCOV2_CIFAR, Recipe, augment
 from ..distributed import batch_shuffle, batch_unshuffle, concat_all_gather
 from ..losses import info_nce
-from ..models import projection_mlp
-from .instdisc import INSTDISC_CIFAR
+from ..models import SplitBatchNorm1d, SplitBatchNorm2d, _SplitBatchNorm, projection_mlp, split_batch_norm
+from .base import Method, Spec
+from .momentum import check_momentum, ema_update, momentum_copy
+
+__all__ = ["MoCo", "MoCoV2", "SplitBatchNorm1d", "SplitBatchNorm2d", "split_batch_norm"]
 
 # Starting points, all in one place: queue, momentum and BN splits are those of the official CIFAR-10
 # demo (its ImageNet settings are K = 65536 and m = 0.999); v1 and v2 differ in head, temperature
@@ -43,93 +43,16 @@ from .instdisc import INSTDISC_CIFAR
 QUEUE_SIZE, MOMENTUM, FEATURE_DIM, BN_SPLITS = 4096, 0.99, 128, 8
 # MoCo v1 adopted InstDisc's augmentation; v2 takes SimCLR's and adds a blur.
 MOCO_CIFAR = INSTDISC_CIFAR
-MOCOV2_CIFAR = dataclasses.replace(SIMCLR_CIFAR, blur_p=0.5, blur_kernel=3)
 
 
-class _SplitBatchNorm:
-    """BatchNorm whose training-mode statistics are computed per group of consecutive samples.
-
-    A batch of N samples is `num_splits` groups of N / num_splits, as if each group
-    sat on its own GPU. The running statistics move towards the mean over groups of
-    the group statistics: what averaging the BN buffers of `num_splits` GPUs gives,
-    and the statistics the layer actually normalised with (the within-group ones).
-    In eval mode the layer is ordinary BatchNorm.
-    """
-
-    num_splits: int
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.num_splits == 1:
-            return super().forward(x)
-        n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
-        if n % self.num_splits:
-            raise ValueError(f"a batch of {n} samples cannot be split into num_splits={self.num_splits} "
-                             f"equal BN groups; num_splits must divide {n}")  # fmt: skip
-        s = self.num_splits
-        # (N, C, ...) -> (N / s, s * C, ...): group g's samples become channels g*C .. g*C + C - 1, so one
-        # batch_norm call computes every group's statistics.
-        grouped = x.reshape(s, n // s, c, *rest).transpose(0, 1).reshape(n // s, s * c, *rest)
-        factor = self.momentum
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if factor is None:  # cumulative average, as nn.BatchNorm with momentum=None
-                factor = 1.0 / self.num_batches_tracked.item()
-        running_mean = self.running_mean.repeat(s) if self.track_running_stats else None
-        running_var = self.running_var.repeat(s) if self.track_running_stats else None
-        weight = self.weight.repeat(s) if self.affine else None
-        bias = self.bias.repeat(s) if self.affine else None
-        out = F.batch_norm(grouped, running_mean, running_var, weight, bias, True, factor or 0.0, self.eps)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.running_mean.copy_(running_mean.view(s, c).mean(0))
-                self.running_var.copy_(running_var.view(s, c).mean(0))
-        return out.reshape(n // s, s, c, *rest).transpose(0, 1).reshape(n, c, *rest)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_splits={self.num_splits}"
-
-
-class SplitBatchNorm2d(_SplitBatchNorm, nn.BatchNorm2d):
-    def __init__(self, num_features: int, num_splits: int, **kwargs):
-        super().__init__(num_features, **kwargs)
-        self.num_splits = num_splits
-
-
-class SplitBatchNorm1d(_SplitBatchNorm, nn.BatchNorm1d):
-    def __init__(self, num_features: int, num_splits: int, **kwargs):
-        super().__init__(num_features, **kwargs)
-        self.num_splits = num_splits
-
-
-def split_batch_norm(module: nn.Module, num_splits: int) -> nn.Module:
-    """Replace every BatchNorm1d/2d inside `module`, in place, by its split version with the same state.
-
-    Returns `module` (for a bare BatchNorm layer, its replacement).
-    """
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if isinstance(module, _SplitBatchNorm):
-            module.num_splits = num_splits
-            return module
-        cls = SplitBatchNorm2d if isinstance(module, nn.BatchNorm2d) else SplitBatchNorm1d
-        like = [t for t in (module.weight, module.running_mean) if t is not None]
-        place = {"device": like[0].device, "dtype": like[0].dtype} if like else {}
-        split = cls(module.num_features, num_splits, eps=module.eps, momentum=module.momentum,
-                    affine=module.affine, track_running_stats=module.track_running_stats,
-                    **place)  # fmt: skip
-        split.load_state_dict(module.state_dict())
-        return split.train(module.training)
-    for name, child in module.named_children():
-        module.add_module(name, split_batch_norm(child, num_splits))
-    return module
-
-
-class MoCo(nn.Module):
+class MoCo(Method):
     # MoCo's 0.03 at batch 256 (the CIFAR demo's 0.06 at 512), against the profiles' SimCLR 0.5 at 256.
     lr_scale = 0.06
+    sync_bn_allowed = False  # BN statistics over the global batch would span a query's own key
 
     def __init__(
         self,
-        backbone: nn.Module,
+        spec: Spec,
         queue_size: int = QUEUE_SIZE,
         momentum: float = MOMENTUM,
         temperature: float = 0.1,
@@ -142,9 +65,7 @@ class MoCo(nn.Module):
         super().__init__()
         if not (isinstance(queue_size, int) and queue_size > 0):
             raise ValueError(f"queue_size must be a positive integer, got {queue_size!r}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] (0 copies the query encoder, 1 freezes the key "
-                             f"encoder), got {momentum}")  # fmt: skip
+        check_momentum("momentum", momentum, "0 copies the query encoder, 1 freezes the key encoder")
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if not (isinstance(feature_dim, int) and feature_dim > 0):
@@ -155,16 +76,14 @@ class MoCo(nn.Module):
         # None: BN_SPLITS groups when the batch allows it, else the largest divisor of the batch below that.
         self.shuffle_bn, self.auto_splits = shuffle_bn, bn_splits is None
         self.bn_splits = bn_splits or 1
-        self.backbone = split_batch_norm(backbone, self.bn_splits)
-        dim = backbone.out_dim
+        self.backbone = split_batch_norm(spec.build_backbone(), self.bn_splits)
+        dim = self.backbone.out_dim
         # v1: a linear map to the embedding; v2: the MLP (hidden width = feature width, as in the paper).
         head = projection_mlp(dim, dim, feature_dim) if mlp_head else nn.Linear(dim, feature_dim)
         self.head = split_batch_norm(head, self.bn_splits)
-        self.key_encoder = copy.deepcopy(nn.Sequential(self.backbone, self.head))
-        self.key_encoder.requires_grad_(False)
+        self.key_encoder = momentum_copy(self.backbone, self.head)
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, feature_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))  # the oldest entry
-        self._correct, self._total = 0, 0
 
     def _query_parameters(self) -> list[torch.Tensor]:
         """The query encoder's parameters in the key encoder's order."""
@@ -181,9 +100,10 @@ class MoCo(nn.Module):
                         layer.num_splits = splits
         if n % self.bn_splits:
             divisors = [d for d in range(1, n + 1) if n % d == 0]
-            raise ValueError(f"this step's batch of {n} images cannot be split into "
-                             f"bn_splits={self.bn_splits} equal BN groups; bn_splits must be one of "
-                             f"{divisors}")  # fmt: skip
+            raise ValueError(
+                f"this step's batch of {n} images cannot be split into bn_splits={self.bn_splits} equal "
+                f"BN groups; bn_splits must be one of {divisors}"
+            )
 
     @torch.no_grad()
     def keys(self, x_k: torch.Tensor) -> torch.Tensor:
@@ -208,19 +128,20 @@ class MoCo(nn.Module):
         # A copy: the enqueue below writes the queue in place, and autograd keeps it for q's gradient.
         queue = self.queue.clone().detach()
         loss = info_nce(q, k, queue, self.temperature)
-        with torch.no_grad():  # instance discrimination: does the positive outscore every queue entry?
-            positive = (q.float() * k.float()).sum(1)
-            hardest = (q.float() @ queue.float().T).amax(1)
-            self._correct += (positive > hardest).sum().item()
-            self._total += len(q)
+        self.log_instance_accuracy(q, k, queue)
         self._enqueue(concat_all_gather(k))
         return loss
 
-    def forward(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """The training step: images (B, C, H, W) uint8 -> InfoNCE loss (indices are not needed)."""
+    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) uint8 -> InfoNCE of a query view against its key view and the queue."""
         return self.contrast(augment(images, self.recipe), augment(images, self.recipe))
 
-    training_step = forward
+    @torch.no_grad()
+    def log_instance_accuracy(self, q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> None:
+        """Instance discrimination: the share of queries whose positive outscores every queue entry."""
+        positive = (q.float() * k.float()).sum(1)
+        hardest = (q.float() @ queue.float().T).amax(1)
+        self.log("instance_accuracy", (positive > hardest).float().mean())
 
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:
@@ -241,9 +162,7 @@ class MoCo(nn.Module):
         own forward passes give statistics that match its own weights, which is what
         evaluating the key encoder would need; the query's would belong to other weights.
         """
-        keys = list(self.key_encoder.parameters())
-        torch._foreach_mul_(keys, self.momentum)
-        torch._foreach_add_(keys, self._query_parameters(), alpha=1.0 - self.momentum)
+        ema_update(self.key_encoder.parameters(), self._query_parameters(), self.momentum)
 
     def epoch_metrics(self) -> dict:
         """Top-1 of the positive key against the queue, mean over the epoch's steps (`instance_accuracy`),
@@ -252,11 +171,7 @@ class MoCo(nn.Module):
             query, key = self._query_parameters(), self.key_encoder.parameters()
             gap = sum((a.float() - b.float()).pow(2).sum() for a, b in zip(query, key))
             norm = sum(a.float().pow(2).sum() for a in query)
-            out = {"encoder_distance": (gap.sqrt() / norm.sqrt()).item()}
-        if self._total:
-            out["instance_accuracy"] = self._correct / self._total
-        self._correct, self._total = 0, 0
-        return out
+        return {"encoder_distance": (gap.sqrt() / norm.sqrt()).item(), **super().epoch_metrics()}
 
 
 class MoCoV2(MoCo):
@@ -268,7 +183,7 @@ class MoCoV2(MoCo):
 
     def __init__(
         self,
-        backbone: nn.Module,
+        spec: Spec,
         queue_size: int = QUEUE_SIZE,
         momentum: float = MOMENTUM,
         temperature: float = 0.2,
@@ -278,6 +193,7 @@ class MoCoV2(MoCo):
         bn_splits: int | None = None,
         recipe: Recipe = MOCOV2_CIFAR,
     ):
-        super().__init__(backbone, queue_size=queue_size, momentum=momentum, temperature=temperature,
-                         feature_dim=feature_dim, mlp_head=mlp_head, shuffle_bn=shuffle_bn,
-                         bn_splits=bn_splits, recipe=recipe)  # fmt: skip
+        super().__init__(
+            spec, queue_size=queue_size, momentum=momentum, temperature=temperature, feature_dim=feature_dim,
+            mlp_head=mlp_head, shuffle_bn=shuffle_bn, bn_splits=bn_splits, recipe=recipe,
+        )

@@ -10,49 +10,39 @@ the epoch's training batches (measured without gradient; they change nothing).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ..augment import SIMCLR_CIFAR, Recipe, augment
 from ..distributed import gather_with_grad
 from ..evaluate import alignment, uniformity
 from ..losses import nt_xent
 from ..models import projection_mlp
+from .base import Method, Spec
 
 
-class SimCLR(nn.Module):
+class SimCLR(Method):
     def __init__(
         self,
-        backbone: nn.Module,
+        spec: Spec,
         proj_hidden_dim: int = 512,
         proj_dim: int = 128,
         temperature: float = 0.5,
         recipe: Recipe = SIMCLR_CIFAR,
     ):
         super().__init__()
-        self.backbone = backbone
-        self.projector = projection_mlp(backbone.out_dim, proj_hidden_dim, proj_dim)
+        self.backbone = spec.build_backbone()
+        self.projector = projection_mlp(self.backbone.out_dim, proj_hidden_dim, proj_dim)
         self.temperature = temperature
         self.recipe = recipe
-        self._geometry: list[torch.Tensor] = []
 
-    def forward(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """The training step: images (N, C, H, W) uint8 -> NT-Xent loss (indices are not needed)."""
+    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) uint8 -> NT-Xent over the 2N views (the indices are not needed)."""
         x = torch.cat([augment(images, self.recipe), augment(images, self.recipe)])
-        z = self.projector(self.backbone(x))
-        z1, z2 = z.chunk(2)
-        with torch.no_grad():  # kept as a tensor: reading it every step would wait for the GPU every step
-            self._geometry.append(torch.stack([alignment(z1.float(), z2.float()), uniformity(z1.float())]))
+        z1, z2 = self.projector(self.backbone(x)).chunk(2)
+        self.log_geometry(z1, z2)
         return nt_xent(gather_with_grad(z1), gather_with_grad(z2), self.temperature)
 
-    training_step = forward
-
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        """SimCLR keeps no state beyond its weights."""
-
-    def epoch_metrics(self) -> dict:
-        """Alignment (alpha = 2) and uniformity (t = 2) of the projections, mean over the epoch's batches."""
-        rows, self._geometry = self._geometry, []
-        if not rows:
-            return {}
-        align, uniform = torch.stack(rows).double().mean(0).tolist()
-        return {"alignment": align, "uniformity": uniform}
+    @torch.no_grad()
+    def log_geometry(self, z1: torch.Tensor, z2: torch.Tensor) -> None:
+        """Alignment (alpha = 2) and uniformity (t = 2) of this batch's projections."""
+        self.log("alignment", alignment(z1.float(), z2.float()))
+        self.log("uniformity", uniformity(z1.float()))

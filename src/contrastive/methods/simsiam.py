@@ -27,15 +27,16 @@ from ..augment import SIMCLR_CIFAR, Recipe, augment
 from ..evaluate import output_std
 from ..losses import negative_cosine
 from ..models import projection_mlp
+from .base import Method, Spec, check_widths
 
 
-class SimSiam(nn.Module):
+class SimSiam(Method):
     # The paper's SGD rate, 0.05 x B/256, against the profiles' SimCLR 0.5 x B/256.
     lr_scale = 0.1
 
     def __init__(
         self,
-        backbone: nn.Module,
+        spec: Spec,
         proj_dim: int = 512,
         pred_hidden_dim: int = 128,
         stop_gradient: bool = True,
@@ -43,51 +44,28 @@ class SimSiam(nn.Module):
         recipe: Recipe = SIMCLR_CIFAR,
     ):
         super().__init__()
-        for name, value in (("proj_dim", proj_dim), ("pred_hidden_dim", pred_hidden_dim)):
-            if not (isinstance(value, int) and value > 0):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        self.backbone = backbone
+        check_widths(proj_dim=proj_dim, pred_hidden_dim=pred_hidden_dim)
+        self.backbone = spec.build_backbone()
         # The paper's ImageNet heads scaled from 2048 to 512: a 3-layer projector as wide as its output,
         # BN after every layer including the last, and a predictor with a bottleneck of a quarter.
-        self.projector = projection_mlp(backbone.out_dim, proj_dim, proj_dim, num_layers=3, last_bn=True)
+        self.projector = projection_mlp(self.backbone.out_dim, proj_dim, proj_dim, num_layers=3, last_bn=True)
         self.predictor = projection_mlp(proj_dim, pred_hidden_dim, proj_dim) if predictor else nn.Identity()
         self.stop_gradient, self.recipe = stop_gradient, recipe
-        self._std: list[torch.Tensor] = []
-        self._pred_std: list[torch.Tensor] = []
 
     def objective(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         """Projections (N, D) of the two views -> D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2, p = h(z)."""
         p1, p2 = self.predictor(z1), self.predictor(z2)
-        with torch.no_grad():
-            self._pred_std.append((output_std(p1) + output_std(p2)) / 2)
         if self.stop_gradient:
             z1, z2 = z1.detach(), z2.detach()
+        self.log("prediction_std", (output_std(p1.detach()) + output_std(p2.detach())) / 2)
         return negative_cosine(p1, z2) / 2 + negative_cosine(p2, z1) / 2
 
     def loss(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """Augmented views (N, C, H, W) -> the objective of their projections."""
         z1, z2 = self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
-        with torch.no_grad():
-            self._std.append((output_std(z1) + output_std(z2)) / 2)
+        self.log("output_std", (output_std(z1.detach()) + output_std(z2.detach())) / 2)
         return self.objective(z1, z2)
 
-    def forward(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """The training step: images (N, C, H, W) uint8 -> the symmetrised loss (indices are not needed)."""
+    def forward(self, images: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) uint8 -> the symmetrised loss of two views (the indices are not needed)."""
         return self.loss(augment(images, self.recipe), augment(images, self.recipe))
-
-    training_step = forward
-
-    def on_step_end(self, step: int, total_steps: int) -> None:
-        """SimSiam keeps no state beyond its weights."""
-
-    def epoch_metrics(self) -> dict:
-        """`output_std` and `prediction_std`: the means over the epoch's steps of the per-dimension std of
-        z / ||z|| and of p / ||p|| (about 1/sqrt(proj_dim) when spread; the module docstring says what the
-        last BN hides in the first, which the second, measured after a BN-free layer, shows)."""
-        out = {}
-        for key, name in (("_std", "output_std"), ("_pred_std", "prediction_std")):
-            rows = getattr(self, key)
-            setattr(self, key, [])
-            if rows:
-                out[name] = torch.stack(rows).mean().item()
-        return out

@@ -34,11 +34,31 @@ import sys
 import time
 
 RECORD_FIELDS = (
-    "benchmark", "device", "torch", "torchvision", "lightly", "commit", "profile", "epochs", "steps",
-    "batch_size", "train_images", "test_images", "seed", "rows", "speedup", "knn_difference",
-)  # fmt: skip
-ROW_FIELDS = ("pipeline", "images_per_second", "train_seconds", "knn_top1", "knn_top1_random_init",
-              "knn_by_epoch")  # fmt: skip
+    "benchmark",
+    "device",
+    "torch",
+    "torchvision",
+    "lightly",
+    "commit",
+    "profile",
+    "epochs",
+    "steps",
+    "batch_size",
+    "train_images",
+    "test_images",
+    "seed",
+    "rows",
+    "speedup",
+    "knn_difference",
+)
+ROW_FIELDS = (
+    "pipeline",
+    "images_per_second",
+    "train_seconds",
+    "knn_top1",
+    "knn_top1_random_init",
+    "knn_by_epoch",
+)
 
 
 def missing_dependencies() -> list[str]:
@@ -90,11 +110,14 @@ def format_record(record: dict) -> str:
     ]
     for row in record["rows"]:
         best = max([row["knn_top1"], *[k for _, k in row["knn_by_epoch"]]])
-        lines.append(f"{row['pipeline']:12s}{row['images_per_second']:10,.0f}{row['train_seconds']:9.0f}"
-                     f"{100 * row['knn_top1']:10.1f}%{100 * best:9.1f}%"
-                     f"{100 * row['knn_top1_random_init']:12.1f}%")  # fmt: skip
-    lines.append(f"speed-up {record['speedup']:.2f}x, kNN difference "
-                 f"{100 * record['knn_difference']:+.1f} points")  # fmt: skip
+        lines.append(
+            f"{row['pipeline']:12s}{row['images_per_second']:10,.0f}{row['train_seconds']:9.0f}"
+            f"{100 * row['knn_top1']:10.1f}%{100 * best:9.1f}%"
+            f"{100 * row['knn_top1_random_init']:12.1f}%"
+        )
+    lines.append(
+        f"speed-up {record['speedup']:.2f}x, kNN difference {100 * record['knn_difference']:+.1f} points"
+    )
     return "\n".join(lines)
 
 
@@ -122,19 +145,34 @@ def lightly_transform(recipe):
     from lightly.transforms import SimCLRTransform
 
     brightness, contrast, saturation, hue = recipe.jitter
-    return SimCLRTransform(input_size=recipe.size, cj_prob=recipe.jitter_p, cj_strength=1.0,
-                           cj_bright=brightness, cj_contrast=contrast, cj_sat=saturation, cj_hue=hue,
-                           min_scale=recipe.scale[0], random_gray_scale=recipe.gray_p,
-                           gaussian_blur=recipe.blur_p, hf_prob=recipe.flip_p,
-                           normalize={"mean": list(recipe.mean), "std": list(recipe.std)})  # fmt: skip
+    return SimCLRTransform(
+        input_size=recipe.size,
+        cj_prob=recipe.jitter_p,
+        cj_strength=1.0,
+        cj_bright=brightness,
+        cj_contrast=contrast,
+        cj_sat=saturation,
+        cj_hue=hue,
+        min_scale=recipe.scale[0],
+        random_gray_scale=recipe.gray_p,
+        gaussian_blur=recipe.blur_p,
+        hf_prob=recipe.flip_p,
+        normalize={"mean": list(recipe.mean), "std": list(recipe.std)},
+    )
 
 
 def _loader(dataset, batch_size: int, workers: int, seed: int):
     import torch
 
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       num_workers=workers, persistent_workers=workers > 0,
-                                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def _simclr_model(backbone_name: str, seed: int):
@@ -158,8 +196,9 @@ def _step(model, optimizer, criterion, views) -> float:
     return loss.item()
 
 
-def probe_workers(dataset, profile, candidates, steps: int = 12, warmup: int = 3,
-                  seed: int = 0) -> dict[int, float]:  # fmt: skip
+def probe_workers(
+    dataset, profile, candidates, steps: int = 12, warmup: int = 3, seed: int = 0
+) -> dict[int, float]:
     """Images/s of lightly's full training step with each number of DataLoader workers (a throwaway
     model)."""
     from lightly.loss import NTXentLoss
@@ -206,8 +245,12 @@ def train_lightly(data, profile, workers: int, seed: int = 0, log=print) -> dict
     for epoch in range(profile.epochs):
         model.train()
         began = time.perf_counter()
-        bar = tqdm(loader, desc=f"lightly epoch {epoch + 1}/{profile.epochs}", leave=False,
-                   disable=not _progress_enabled(None))  # fmt: skip
+        bar = tqdm(
+            loader,
+            desc=f"lightly epoch {epoch + 1}/{profile.epochs}",
+            leave=False,
+            disable=not _progress_enabled(None),
+        )
         for views in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total, warmup, peak_lr)
@@ -222,12 +265,21 @@ def train_lightly(data, profile, workers: int, seed: int = 0, log=print) -> dict
             knn_by_epoch.append((epoch + 1, knn))
             final = knn
         evaluated = bool(knn_by_epoch) and knn_by_epoch[-1][0] == epoch + 1
-        log(f"lightly epoch {epoch + 1}/{profile.epochs}  loss {loss:.4f}  "
+        log(
+            f"lightly epoch {epoch + 1}/{profile.epochs}  loss {loss:.4f}  "
             f"{steps_per_epoch * profile.batch_size / seconds:.0f} img/s"
-            + (f"  kNN {100 * knn_by_epoch[-1][1]:.1f}%" if evaluated else ""))  # fmt: skip
-    return {"pipeline": "lightly", "images_per_second": step * profile.batch_size / train_seconds,
-            "train_seconds": train_seconds, "knn_top1": final, "knn_top1_random_init": random_init,
-            "knn_by_epoch": knn_by_epoch, "num_workers": workers, "steps": step}  # fmt: skip
+            + (f"  kNN {100 * knn_by_epoch[-1][1]:.1f}%" if evaluated else "")
+        )
+    return {
+        "pipeline": "lightly",
+        "images_per_second": step * profile.batch_size / train_seconds,
+        "train_seconds": train_seconds,
+        "knn_top1": final,
+        "knn_top1_random_init": random_init,
+        "knn_by_epoch": knn_by_epoch,
+        "num_workers": workers,
+        "steps": step,
+    }
 
 
 def train_ours(data, profile, seed: int = 0) -> dict:
@@ -236,10 +288,15 @@ def train_ours(data, profile, seed: int = 0) -> dict:
     run = train("simclr", profile=profile, data=data, seed=seed, linear_probe=False)
     s = run.summary
     knn_by_epoch = [(m["epoch"], m["knn_top1"]) for m in run.metrics if "knn_top1" in m]
-    return {"pipeline": "contrastive", "images_per_second": s["images_per_second"],
-            "train_seconds": s["train_seconds"], "knn_top1": s["knn_top1"],
-            "knn_top1_random_init": s["knn_top1_random_init"], "knn_by_epoch": knn_by_epoch,
-            "steps": len(data.train_images) // profile.batch_size * profile.epochs}  # fmt: skip
+    return {
+        "pipeline": "contrastive",
+        "images_per_second": s["images_per_second"],
+        "train_seconds": s["train_seconds"],
+        "knn_top1": s["knn_top1"],
+        "knn_top1_random_init": s["knn_top1_random_init"],
+        "knn_by_epoch": knn_by_epoch,
+        "steps": len(data.train_images) // profile.batch_size * profile.epochs,
+    }
 
 
 def losses_agree(batch: int = 64, dim: int = 128, seed: int = 0) -> float:
@@ -263,16 +320,24 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=None, help="default: the cpu profile's")
     parser.add_argument("--test-size", type=int, default=None, help="default: the cpu profile's")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3],
-                        help="DataLoader worker counts to try for lightly; the fastest is used")  # fmt: skip
+    parser.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3],
+        help="DataLoader worker counts to try for lightly; the fastest is used",
+    )
     parser.add_argument("--json", default=None, help="write the record to this file")
     args = parser.parse_args(argv)
 
     missing = missing_dependencies()
     if missing:
-        print(f"error: this benchmark needs {' and '.join(missing)}, which the book does not depend on. "
-              "Install them in an environment of their own (see this script's docstring) and run it "
-              "there.", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: this benchmark needs {' and '.join(missing)}, which the book does not depend on. "
+            "Install them in an environment of their own (see this script's docstring) and run it "
+            "there.",
+            file=sys.stderr,
+        )
         return 2
     import lightly
     import torch
@@ -287,29 +352,46 @@ def main(argv=None) -> int:
     if gap > 1e-4:
         raise SystemExit(f"nt_xent and lightly's NTXentLoss differ by {gap:.2e}: not the same objective")
     print(f"nt_xent and lightly's NTXentLoss agree to {gap:.1e} on random projections")
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("train_size", args.train_size),
-                                   ("test_size", args.test_size)) if v is not None}  # fmt: skip
+    overrides = {
+        k: v
+        for k, v in (("epochs", args.epochs), ("train_size", args.train_size), ("test_size", args.test_size))
+        if v is not None
+    }
     profile = get_profile("cpu", **overrides)
     data = profile_data(profile, None, torch.device("cpu"))
 
     images = PILImages(data.train_images, lightly_transform(SIMCLR_CIFAR))
     probe = probe_workers(images, profile, args.workers, seed=args.seed)
     workers = max(probe, key=probe.get)
-    print("lightly's images/s by DataLoader workers: "
-          + ", ".join(f"{w}: {r:.0f}" for w, r in probe.items()) + f"; using {workers}")  # fmt: skip
+    print(
+        "lightly's images/s by DataLoader workers: "
+        + ", ".join(f"{w}: {r:.0f}" for w, r in probe.items())
+        + f"; using {workers}"
+    )
     theirs = train_lightly(data, profile, workers, args.seed)
     theirs["worker_probe"] = {str(w): r for w, r in probe.items()}
     ours = train_ours(data, profile, args.seed)
     record = {
-        "benchmark": "lightly_side_by_side", "device": device_description(torch.device("cpu")),
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "torchvision": torchvision.__version__, "lightly": lightly.__version__, "commit": git_commit(),
-        "profile": profile.name, "epochs": profile.epochs, "steps": theirs["steps"],
-        "batch_size": profile.batch_size, "train_images": len(data.train_images),
-        "test_images": len(data.test_images), "seed": args.seed, "loss_gap": gap, "rows": [ours, theirs],
+        "benchmark": "lightly_side_by_side",
+        "device": device_description(torch.device("cpu")),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "lightly": lightly.__version__,
+        "commit": git_commit(),
+        "profile": profile.name,
+        "epochs": profile.epochs,
+        "steps": theirs["steps"],
+        "batch_size": profile.batch_size,
+        "train_images": len(data.train_images),
+        "test_images": len(data.test_images),
+        "seed": args.seed,
+        "loss_gap": gap,
+        "rows": [ours, theirs],
         "speedup": ours["images_per_second"] / theirs["images_per_second"],
-        "knn_difference": ours["knn_top1"] - theirs["knn_top1"], "data": data.source,
-    }  # fmt: skip
+        "knn_difference": ours["knn_top1"] - theirs["knn_top1"],
+        "data": data.source,
+    }
     if ours["steps"] != theirs["steps"]:
         raise SystemExit(f"the two runs took {ours['steps']} and {theirs['steps']} steps; expected the same")
     if ours["knn_top1_random_init"] != theirs["knn_top1_random_init"]:  # same seed, same draw: same encoder

@@ -416,9 +416,14 @@ def check_page(driver, base_url: str, page: str, resolver: LinkResolver, timeout
     ]
     problems += resolver.broken_links(page)
     problems += console_problems(driver.get_log("browser"))
-    return PageResult(page, problems, math=report["typeset"], images=report["images"],
-                      links=len(set(resolver.page(resolver.root / page).links)),
-                      seconds=time.perf_counter() - started)  # fmt: skip
+    return PageResult(
+        page,
+        problems,
+        math=report["typeset"],
+        images=report["images"],
+        links=len(set(resolver.page(resolver.root / page).links)),
+        seconds=time.perf_counter() - started,
+    )
 
 
 def save_screenshots(driver, page: str, size_name: str, out_dir: Path) -> list[Path]:
@@ -451,8 +456,10 @@ def check_narrow(driver, base_url: str, page: str, timeout: float) -> tuple[list
     scroll_width, client_width, culprit = driver.execute_script(NARROW_JS)
     warnings = []
     if scroll_width > client_width + 1:
-        warnings.append(f"at phone width ({width} px) the page is {scroll_width} px wide and scrolls "
-                        f"sideways; the widest element: {culprit}")  # fmt: skip
+        warnings.append(
+            f"at phone width ({width} px) the page is {scroll_width} px wide and scrolls "
+            f"sideways; the widest element: {culprit}"
+        )
     problems = [f"{p} (phone width)" for p in console_problems(driver.get_log("browser"))]
     return problems, warnings
 
@@ -480,8 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--html", type=Path, default=ROOT / "_build" / "html", help="the built book")
     parser.add_argument("--toc", type=Path, default=ROOT / "_toc.yml", help="the table of contents")
-    parser.add_argument("--screenshots", type=Path, default=ROOT / "_build" / "screenshots",
-                        help="folder for the screenshots")  # fmt: skip
+    parser.add_argument(
+        "--screenshots", type=Path, default=ROOT / "_build" / "screenshots", help="folder for the screenshots"
+    )
     parser.add_argument(
         "--screenshot-pages",
         nargs="+",
@@ -527,8 +535,9 @@ def main(argv: list[str] | None = None) -> int:
                 driver.quit()
     finally:
         shutil.rmtree(profile_dir, ignore_errors=True)
-    results += [PageResult(p, [f"the table of contents names {p[:-5]}, but the build has no {p}"])
-                for p in missing]  # fmt: skip
+    results += [
+        PageResult(p, [f"the table of contents names {p[:-5]}, but the build has no {p}"]) for p in missing
+    ]
 
     print(summary_table(results))
     for r in results:

@@ -41,8 +41,12 @@ def main(argv=None) -> int:
         nb = nbformat.read(path, as_version=4)
         started = time.perf_counter()
         print(f"executing {path} (profile {profile.name}) ...", flush=True)
-        NotebookClient(nb, timeout=args.timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(path.parent)}}).execute()  # fmt: skip
+        NotebookClient(
+            nb,
+            timeout=args.timeout,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(path.parent)}},
+        ).execute()
         seconds = time.perf_counter() - started
         nb.metadata["contrastive"] = {
             "profile": profile.name,

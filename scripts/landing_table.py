@@ -25,8 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 INTRO = ROOT / "book" / "intro.md"
 BEGIN = "% BEGIN landing-table"
 END = "% END landing-table"
-HEADER = ["| chapter | profile | device | torch | run on | time to execute |",
-          "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+HEADER = [
+    "| chapter | profile | device | torch | run on | time to execute |",
+    "| --- | --- | --- | --- | --- | --- |",
+]
 
 
 def short_title(notebook: dict, fallback: str) -> str:
@@ -53,8 +55,10 @@ def row(path: Path) -> str:
         return f"| {link} | outputs not stored yet | | | | |"
     missing = [key for key in ("profile", "device", "torch", "date", "seconds") if key not in run]
     if missing:
-        raise ValueError(f"{path}: metadata['contrastive'] lacks {', '.join(missing)}; "
-                         "re-run the notebook with `make execute`.")  # fmt: skip
+        raise ValueError(
+            f"{path}: metadata['contrastive'] lacks {', '.join(missing)}; "
+            "re-run the notebook with `make execute`."
+        )
     date = str(run["date"]).split(" ")[0]
     device = str(run["device"]).replace("|", "/")
     time = duration(run["seconds"])
@@ -71,16 +75,19 @@ def stored_table(intro_text: str) -> str:
     """The table currently between the markers of the landing page."""
     match = re.search(rf"^{re.escape(BEGIN)}\n(.*?)^{re.escape(END)}$", intro_text, re.S | re.M)
     if not match:
-        raise ValueError(f"book/intro.md has no block between `{BEGIN}` and `{END}`: put the markers back "
-                         "where the table belongs.")  # fmt: skip
+        raise ValueError(
+            f"book/intro.md has no block between `{BEGIN}` and `{END}`: put the markers back "
+            "where the table belongs."
+        )
     return match.group(1).strip("\n")
 
 
 def replace_table(intro_text: str, new_table: str) -> str:
     stored_table(intro_text)  # the markers must be there
     pattern = rf"(^{re.escape(BEGIN)}\n).*?(^{re.escape(END)}$)"
-    return re.sub(pattern, lambda m: m.group(1) + new_table + "\n" + m.group(2), intro_text, count=1,
-                  flags=re.S | re.M)  # fmt: skip
+    return re.sub(
+        pattern, lambda m: m.group(1) + new_table + "\n" + m.group(2), intro_text, count=1, flags=re.S | re.M
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote the table of {len(new.splitlines()) - 2} chapters into {INTRO.relative_to(ROOT)}")
     elif args.check:
         if stored_table(text) != new:
-            print("book/intro.md's table disagrees with the notebooks' metadata: run "
-                  "`python scripts/landing_table.py --write`.", file=sys.stderr)  # fmt: skip
+            print(
+                "book/intro.md's table disagrees with the notebooks' metadata: run "
+                "`python scripts/landing_table.py --write`.",
+                file=sys.stderr,
+            )
             return 1
         print("book/intro.md's table matches the notebooks' metadata")
     else:

@@ -25,10 +25,19 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # The chapter of each method in contrastive.plotting.TIMELINE, as the landing page links to it.
 CHAPTERS = {
-    "InstDisc": "01_instdisc", "CPC": "02_cpc", "CMC": "03_cmc", "InvaSpread": "04_invaspread",
-    "MoCo v1": "05_moco", "SimCLR": "06_simclr", "MoCo v2": "07_mocov2", "BYOL": "08_byol",
-    "SimSiam": "09_simsiam", "MoCo v3": "10_mocov3", "DINO": "11_dino", "CLIP": "12_clip",
-}  # fmt: skip
+    "InstDisc": "01_instdisc",
+    "CPC": "02_cpc",
+    "CMC": "03_cmc",
+    "InvaSpread": "04_invaspread",
+    "MoCo v1": "05_moco",
+    "SimCLR": "06_simclr",
+    "MoCo v2": "07_mocov2",
+    "BYOL": "08_byol",
+    "SimSiam": "09_simsiam",
+    "MoCo v3": "10_mocov3",
+    "DINO": "11_dino",
+    "CLIP": "12_clip",
+}
 
 
 def timeline_svg() -> str:
@@ -65,11 +74,16 @@ def timeline_svg() -> str:
     svg = svg[svg.index("<svg") :]  # no XML prolog or DOCTYPE inside an HTML page
     # Scale with the page instead of a fixed size in points (the viewBox keeps the proportions), but
     # not below 640 px: on a phone the landing page's scrolling box around it then scrolls sideways.
-    svg = re.sub(r'<svg([^>]*?) width="[^"]+" height="[^"]+"',
-                 r'<svg\1 width="100%" style="height: auto; min-width: 640px"', svg, count=1)  # fmt: skip
+    svg = re.sub(
+        r'<svg([^>]*?) width="[^"]+" height="[^"]+"',
+        r'<svg\1 width="100%" style="height: auto; min-width: 640px"',
+        svg,
+        count=1,
+    )
     svg = svg.replace(' target="_blank"', "")  # matplotlib opens links in a new tab; chapters open in place
-    svg = svg.replace("<svg", '<svg role="img" aria-label="Timeline of the methods, each linked to '
-                      'its chapter"', 1)  # fmt: skip
+    svg = svg.replace(
+        "<svg", '<svg role="img" aria-label="Timeline of the methods, each linked to its chapter"', 1
+    )
     return svg
 
 

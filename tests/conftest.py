@@ -19,8 +19,9 @@ def tiny_data() -> ImageDataset:
         return images, labels
 
     (xtr, ytr), (xte, yte) = split(200), split(100)
-    return ImageDataset(xtr, ytr, xte, yte, classes=[f"c{i}" for i in range(10)], name="tiny",
-                        source="synthetic test data")  # fmt: skip
+    return ImageDataset(
+        xtr, ytr, xte, yte, classes=[f"c{i}" for i in range(10)], name="tiny", source="synthetic test data"
+    )
 
 
 @pytest.fixture

@@ -87,8 +87,24 @@ def test_bench_all_measures_each_method_in_its_own_process():
 
 def test_the_command_line_writes_the_rows_as_json(tmp_path, capsys):
     out = tmp_path / "step.json"
-    argv = ["bench", "step", "--method", "byol", "--profile", "smoke", "--batch-size", "8", "--warmup", "1",
-            "--windows", "2", "--steps-per-window", "1", "--json", str(out)]  # fmt: skip
+    argv = [
+        "bench",
+        "step",
+        "--method",
+        "byol",
+        "--profile",
+        "smoke",
+        "--batch-size",
+        "8",
+        "--warmup",
+        "1",
+        "--windows",
+        "2",
+        "--steps-per-window",
+        "1",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 1 and check_step_row(rows[0])["method"] == "byol"

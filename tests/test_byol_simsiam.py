@@ -10,15 +10,16 @@ import torch.nn.functional as F
 from contrastive.evaluate import output_std
 from contrastive.losses import negative_cosine
 from contrastive.methods import build_method
-from contrastive.methods.byol import BYOL, TAU_BASE, target_momentum
+from contrastive.methods.byol import BYOL
+from contrastive.methods.momentum import TAU_BASE, cosine_momentum
 from contrastive.methods.simsiam import SimSiam
-from contrastive.models import build_backbone, projection_mlp
+from contrastive.models import projection_mlp
 from contrastive.train import train
 
 
 def _method(name, seed=0, **options):
     torch.manual_seed(seed)
-    return build_method(name, build_backbone("convnet_tiny"), 0, **options)
+    return build_method(name, "convnet_tiny", 0, **options)
 
 
 def _views(n=8, seed=1):
@@ -29,6 +30,11 @@ def _views(n=8, seed=1):
 def _images(n=8, seed=5):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
+
+
+def _step(model, images):
+    """The training step on `images`; their dataset indices, which BYOL and SimSiam do not use."""
+    return model(images, torch.arange(len(images)))
 
 
 def _batchnorms(module):
@@ -176,7 +182,7 @@ def test_byol_target_is_a_copy_of_backbone_and_projector_that_gets_no_gradient()
     target_before = [p.clone() for p in model.target.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(target_before, online))  # starts as an exact copy
     assert not any(p.requires_grad for p in model.target.parameters())
-    model(_images()).backward()
+    _step(model, _images()).backward()
     assert all(p.grad is None for p in model.target.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in online)
     optimizer.step()  # weight decay and momentum included: a parameter without gradient is skipped
@@ -186,14 +192,14 @@ def test_byol_target_is_a_copy_of_backbone_and_projector_that_gets_no_gradient()
 
 def test_the_momentum_schedule_rises_from_tau_base_to_one_along_a_cosine():
     total = 40
-    taus = [target_momentum(k, total, 0.99) for k in range(total + 1)]
+    taus = [cosine_momentum(k, total, 0.99) for k in range(total + 1)]
     assert taus[0] == pytest.approx(0.99, abs=1e-15) and taus[-1] == pytest.approx(1.0, abs=1e-15)
     assert all(a < b for a, b in zip(taus, taus[1:]))  # strictly increasing
     assert taus[total // 2] == pytest.approx(1 - 0.01 / 2, abs=1e-15)  # halfway: half the gap closed
     # the cosine, not a straight line: a quarter of the way only (1 - cos(pi/4)) / 2 ~ 15% of the gap
     assert taus[total // 4] == pytest.approx(0.99 + 0.01 * (1 - math.cos(math.pi / 4)) / 2, abs=1e-15)
     assert taus[total // 4] != pytest.approx(0.99 + 0.01 / 4, abs=1e-6)
-    assert target_momentum(0, total) == TAU_BASE == 0.99
+    assert cosine_momentum(0, total) == TAU_BASE == 0.99
 
 
 def _perturb_online(model, seed=2):
@@ -232,7 +238,7 @@ def test_batchnorm_false_removes_every_batchnorm_from_projector_and_predictor_on
     # the hidden layers get the bias BN's shift provided
     hidden = [m for m in without.projector if isinstance(m, torch.nn.Linear)][0]
     assert hidden.bias is not None
-    assert torch.isfinite(without(_images()))
+    assert torch.isfinite(_step(without, _images()))
     with pytest.raises(ValueError, match="last_bn=True asks for a BatchNorm that batchnorm=False removes"):
         projection_mlp(8, 16, 4, last_bn=True, batchnorm=False)
 
@@ -261,7 +267,7 @@ def test_state_dict_round_trip_reproduces_the_next_step_loss(name):
     model = _method(name)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(2):
-        model(_images(seed=step)).backward()
+        _step(model, _images(seed=step)).backward()
         optimizer.step()
         optimizer.zero_grad()
         model.on_step_end(step, 10)
@@ -271,16 +277,16 @@ def test_state_dict_round_trip_reproduces_the_next_step_loss(name):
     losses = []
     for m in (model, restored, stranger):
         torch.manual_seed(3)  # the views
-        losses.append(m(_images(seed=9)).item())
+        losses.append(_step(m, _images(seed=9)).item())
     assert losses[0] == losses[1] and losses[0] != losses[2]
     if name == "byol":
         assert any(k.startswith("target.") for k in state) and "momentum" in state
-        assert restored.momentum.item() == model.momentum.item() == target_momentum(1, 10)
+        assert restored.momentum.item() == model.momentum.item() == cosine_momentum(1, 10)
         # the target is part of the state: the online weights with a fresh target give another loss
         partial = _method(name, seed=7)
         partial.load_state_dict({k: v for k, v in state.items() if not k.startswith("target.")}, strict=False)
         torch.manual_seed(3)
-        assert partial(_images(seed=9)).item() != losses[0]
+        assert _step(partial, _images(seed=9)).item() != losses[0]
 
 
 @pytest.mark.parametrize("name", ["byol", "simsiam"])
@@ -332,7 +338,7 @@ def test_byol_trains_through_the_common_loop_and_reports_the_scheduled_momentum(
         assert math.isfinite(row["loss"]) and -1 <= row["loss"] <= 1
         assert 0 < row["output_std"] <= 1
         # 4 steps per epoch: the last update of epoch e used step 4e - 1 of 8
-        assert row["target_momentum"] == pytest.approx(target_momentum(4 * epoch - 1, 8), abs=1e-12)
+        assert row["target_momentum"] == pytest.approx(cosine_momentum(4 * epoch - 1, 8), abs=1e-12)
     assert run.summary["lr"] == pytest.approx(tiny_profile.lr * BYOL.lr_scale)
 
 
@@ -352,5 +358,8 @@ def test_a_byol_run_interrupted_after_epoch_one_and_resumed_matches_an_uninterru
     a, b = full.method.state_dict(), resumed.method.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.startswith("target.") for k in a)
-    assert full.metrics[-1] == {**resumed.metrics[-1], "seconds": full.metrics[-1]["seconds"],
-                                "images_per_second": full.metrics[-1]["images_per_second"]}  # fmt: skip
+    assert full.metrics[-1] == {
+        **resumed.metrics[-1],
+        "seconds": full.metrics[-1]["seconds"],
+        "images_per_second": full.metrics[-1]["images_per_second"],
+    }

@@ -153,8 +153,10 @@ def test_raw_tex_is_found_and_named(text, kind):
 
 
 def test_rendered_text_prices_and_plain_braces_are_not_raw_tex():
-    text = ("The bound is at most log N nats. A run costs $5 and a GPU $2 an hour. "
-            "A set {1, 2, 3} and a dict {'a': 1} are not roles; nor is a lone $ sign.")  # fmt: skip
+    text = (
+        "The bound is at most log N nats. A run costs $5 and a GPU $2 an hour. "
+        "A set {1, 2, 3} and a dict {'a': 1} are not roles; nor is a lone $ sign."
+    )
     assert check_html.raw_tex_problems(text) == []
 
 
@@ -183,8 +185,11 @@ def test_a_console_error_logged_twice_is_reported_once():
 
 
 def test_only_the_documented_sphinx_duplicate_is_allowed():
-    allowed = {"level": "SEVERE", "message": "http://127.0.0.1:1/book/a.html 62:12 Uncaught SyntaxError: "
-               "Identifier 'THEBE_JS_URL' has already been declared"}  # fmt: skip
+    allowed = {
+        "level": "SEVERE",
+        "message": "http://127.0.0.1:1/book/a.html 62:12 Uncaught SyntaxError: "
+        "Identifier 'THEBE_JS_URL' has already been declared",
+    }
     other = {"level": "SEVERE", "message": "Uncaught SyntaxError: Identifier 'x' has already been declared"}
     assert check_html.console_problems([allowed]) == []
     assert len(check_html.console_problems([other])) == 1
@@ -192,8 +197,10 @@ def test_only_the_documented_sphinx_duplicate_is_allowed():
 
 
 def test_the_summary_table_has_a_row_per_page_and_counts_problems():
-    results = [check_html.PageResult("book/a.html", [], math=3, images=1, links=7, seconds=0.5),
-               check_html.PageResult("book/bb.html", ["x", "y"], warnings=["w"])]  # fmt: skip
+    results = [
+        check_html.PageResult("book/a.html", [], math=3, images=1, links=7, seconds=0.5),
+        check_html.PageResult("book/bb.html", ["x", "y"], warnings=["w"]),
+    ]
     lines = check_html.summary_table(results).splitlines()
     assert len(lines) == 4
     assert lines[2].split() == ["book/a.html", "3", "1", "7", "0.5", "ok"]

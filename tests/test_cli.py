@@ -13,8 +13,13 @@ from contrastive.data import CIFAR10_FOLDER, data_root
 
 def run_cli(*args, env=None, timeout=600):
     full_env = {**os.environ, "CONTRASTIVE_PROGRESS": "0", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "contrastive", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "contrastive", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 needs_cifar = pytest.mark.skipif(
@@ -29,8 +34,18 @@ def test_train_writes_summary_and_metrics_and_resume_completes_a_longer_run(tmp_
     done = run_cli("train", "--method", "simclr", "--profile", "smoke", "--epochs", "1", "--out", str(out))
     assert done.returncode == 0, done.stderr
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("method", "profile", "epochs", "knn_top1", "knn_top1_random_init", "seconds",
-                "images_per_second", "device", "torch", "commit"):  # fmt: skip
+    for key in (
+        "method",
+        "profile",
+        "epochs",
+        "knn_top1",
+        "knn_top1_random_init",
+        "seconds",
+        "images_per_second",
+        "device",
+        "torch",
+        "commit",
+    ):
         assert key in summary
     assert summary["method"] == "simclr" and summary["profile"] == "smoke" and summary["epochs"] == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1

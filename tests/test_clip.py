@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from contrastive.losses import clip_loss
+from contrastive.methods import Spec
 from contrastive.methods.clip import CLIP
-from contrastive.models import build_backbone
 from contrastive.text import (
     CIFAR10_CLASSES,
     COLORS,
@@ -102,10 +102,21 @@ def test_clip_loss_refuses_unpaired_embeddings():
 
 @pytest.mark.parametrize(
     "rgb, name",
-    [((255, 0, 0), "red"), ((255, 140, 0), "orange"), ((250, 230, 30), "yellow"), ((0, 200, 0), "green"),
-     ((20, 40, 230), "blue"), ((150, 40, 200), "purple"), ((255, 120, 200), "pink"), ((120, 70, 20), "brown"),
-     ((0, 0, 0), "black"), ((255, 255, 255), "white"), ((128, 128, 128), "gray"), ((140, 150, 160), "gray")],
-)  # fmt: skip
+    [
+        ((255, 0, 0), "red"),
+        ((255, 140, 0), "orange"),
+        ((250, 230, 30), "yellow"),
+        ((0, 200, 0), "green"),
+        ((20, 40, 230), "blue"),
+        ((150, 40, 200), "purple"),
+        ((255, 120, 200), "pink"),
+        ((120, 70, 20), "brown"),
+        ((0, 0, 0), "black"),
+        ((255, 255, 255), "white"),
+        ((128, 128, 128), "gray"),
+        ((140, 150, 160), "gray"),
+    ],
+)
 def test_a_single_colour_image_is_called_by_its_colour(rgb, name):
     attributes = image_attributes(solid(rgb))
     assert COLORS[attributes["color"].item()] == name
@@ -137,8 +148,9 @@ def test_brightness_contrast_and_saturation_levels_follow_the_thresholds():
 def test_captions_name_the_class_by_a_synonym_and_the_measured_colours():
     image = solid((40, 60, 220))
     image[:, :, 8:24, 8:24] = torch.tensor([230, 20, 20], dtype=torch.uint8).view(3, 1, 1)
-    (captions,) = generate_captions(image, torch.tensor([1]), num_captions=40,
-                                    generator=torch.Generator().manual_seed(0))  # fmt: skip
+    (captions,) = generate_captions(
+        image, torch.tensor([1]), num_captions=40, generator=torch.Generator().manual_seed(0)
+    )
     words = [set(Tokenizer.split(c)) for c in captions]
     assert all(w & {"automobile", "car", "sedan"} for w in words)
     assert all("red" in w or "blue" in w for w in words)  # every template names a colour
@@ -148,8 +160,9 @@ def test_captions_name_the_class_by_a_synonym_and_the_measured_colours():
 
 def test_captions_depend_on_the_image_not_only_on_the_label():
     images = torch.cat([solid((230, 20, 20)), solid((20, 180, 30))])
-    red, green = generate_captions(images, torch.tensor([3, 3]), num_captions=30,
-                                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+    red, green = generate_captions(
+        images, torch.tensor([3, 3]), num_captions=30, generator=torch.Generator().manual_seed(0)
+    )
     assert not set(red) & set(green)
     assert all("green" not in c for c in red) and all("red" not in c for c in green)
 
@@ -199,8 +212,9 @@ def test_held_out_prompts_are_never_training_captions():
     assert len(training) > 10_000 and len(prompts) == len(ZERO_SHOT_TEMPLATES) * 10
     assert not prompts & training
     # A template that leaves out every attribute would collide: the check above can fail.
-    assert prompt("a photo of a {}", "cat") in {tidy(t.format(noun="cat", color="", light="")) for t in
-                                              ["a {light} photo of a {color} {noun}"]}  # fmt: skip
+    assert prompt("a photo of a {}", "cat") in {
+        tidy(t.format(noun="cat", color="", light="")) for t in ["a {light} photo of a {color} {noun}"]
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,31 +314,37 @@ def test_text_encoder_refuses_rows_without_an_end_token():
 
 
 def small_clip(num_images: int, **options) -> CLIP:
-    return CLIP(build_backbone("convnet_tiny"), num_images, embed_dim=32, text_dim=32, text_depth=2,
-                text_heads=2, **options)  # fmt: skip
+    spec = Spec(backbone="convnet_tiny", num_images=num_images)
+    return CLIP(spec, embed_dim=32, text_dim=32, text_depth=2, text_heads=2, **options)
 
 
 @pytest.fixture
 def clip(tiny_data) -> CLIP:
     torch.manual_seed(0)
     method = small_clip(len(tiny_data.train_images))
-    method.setup(tiny_data.train_images, 100, tiny_data.train_labels)
+    method.setup(tiny_data.train_images, tiny_data.train_labels, batch_size=100)
     return method
 
 
 def test_setup_stores_every_images_captions_and_the_vocabulary(clip, tiny_data):
     assert clip.caption_tokens.shape == (200, 5, 16)
     assert ((clip.caption_tokens == EOS_ID).sum(-1) == 1).all()
-    again = generate_captions(tiny_data.train_images, tiny_data.train_labels, num_captions=5,
-                              generator=torch.Generator().manual_seed(0), batch_size=100)  # fmt: skip
+    again = generate_captions(
+        tiny_data.train_images,
+        tiny_data.train_labels,
+        num_captions=5,
+        generator=torch.Generator().manual_seed(0),
+        batch_size=100,
+    )
     assert clip.tokenizer.decode(clip.caption_tokens[7]) == again[7]
     assert "<unk>" not in " ".join(clip.tokenizer.decode(clip.caption_tokens.flatten(0, 1)))
 
 
-def test_setup_needs_the_labels_and_the_step_needs_setup(tiny_data):
+def test_setup_refuses_a_label_count_other_than_the_image_count_and_the_step_needs_setup(tiny_data):
     method = small_clip(len(tiny_data.train_images))
-    with pytest.raises(ValueError, match="train_labels"):
-        method.setup(tiny_data.train_images, 100)
+    with pytest.raises(ValueError, match="built for 200 training images, got 200 images and 199 labels"):
+        method.setup(tiny_data.train_images, tiny_data.train_labels[:-1])
+    assert not method.vocabulary.any() and not method.caption_tokens.any()  # nothing was written
     with pytest.raises(ValueError, match="setup"):
         method(tiny_data.train_images[:4], torch.arange(4))
     with pytest.raises(RuntimeError, match="setup"):
@@ -484,8 +504,9 @@ def test_a_clip_run_interrupted_and_resumed_matches_an_uninterrupted_run(
     tiny_data, tiny_profile, interrupted_and_resumed
 ):
     # 4 steps per epoch: interrupted at the first step of epoch 2, resumed from the weights_only checkpoint
-    full, resumed = interrupted_and_resumed("clip", tiny_profile, 4, data=tiny_data, method_options=SMALL,
-                                            **QUIET)  # fmt: skip
+    full, resumed = interrupted_and_resumed(
+        "clip", tiny_profile, 4, data=tiny_data, method_options=SMALL, **QUIET
+    )
     a, b = full.method.state_dict(), resumed.method.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.method.tokenizer == full.method.tokenizer

@@ -77,8 +77,8 @@ def test_split_lab_separates_lightness_from_colour():
 
 def test_half_width_encoders_together_are_as_wide_as_the_single_view_encoder():
     torch.manual_seed(0)
-    lab = build_method("cmc", build_backbone("convnet_small"), 10, backbone_name="convnet_small")
-    rgb = build_method("cmc", build_backbone("convnet_small"), 10, backbone_name="convnet_small", views="rgb")
+    lab = build_method("cmc", "convnet_small", 10)
+    rgb = build_method("cmc", "convnet_small", 10, views="rgb")
     assert lab.encoder.l_net.features[0][0].in_channels == 1
     assert lab.encoder.ab_net.features[0][0].in_channels == 2
     assert lab.encoder.l_net.out_dim == lab.encoder.ab_net.out_dim == 128
@@ -90,7 +90,7 @@ def test_half_width_encoders_together_are_as_wide_as_the_single_view_encoder():
 
 def test_lightness_features_ignore_colour():
     torch.manual_seed(0)
-    method = build_method("cmc", build_backbone("convnet_tiny"), 10, backbone_name="convnet_tiny").eval()
+    method = build_method("cmc", "convnet_tiny", 10).eval()
     lab = torch.zeros(2, 3, 32, 32)
     lab[:, 0] = torch.linspace(30, 70, 32)
     lab[0, 1], lab[1, 1] = 15, -15
@@ -106,10 +106,11 @@ def test_build_width_and_option_errors():
     with pytest.raises(ValueError, match="width"):
         build_backbone("convnet_small", width=0)
     with pytest.raises(ValueError, match="views"):
-        build_method("cmc", build_backbone("convnet_tiny"), 10, backbone_name="convnet_tiny", views="hsv")
+        build_method("cmc", "convnet_tiny", 10, views="hsv")
     with pytest.raises(ValueError, match="no option 'view'.*views"):
-        build_method("cmc", build_backbone("convnet_tiny"), 10, backbone_name="convnet_tiny", view="rgb")
-    with pytest.raises(ValueError, match="backbone_name"):
+        build_method("cmc", "convnet_tiny", 10, view="rgb")
+    # the half-width encoders are built from the backbone's name: an instance cannot be halved
+    with pytest.raises(TypeError, match="backbone's name.*builds its own encoders"):
         build_method("cmc", build_backbone("convnet_tiny"), 10)
 
 

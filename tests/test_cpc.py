@@ -4,7 +4,6 @@ import torch
 
 from contrastive.methods import build_method
 from contrastive.methods.cpc import PATCH, STRIDE, patch_grid
-from contrastive.models import build_backbone
 from contrastive.train import train
 
 

@@ -8,8 +8,8 @@ import torch
 
 from contrastive.losses import dino_loss
 from contrastive.methods import build_method
-from contrastive.methods.byol import target_momentum
 from contrastive.methods.dino import DINO, update_center
+from contrastive.methods.momentum import cosine_momentum
 from contrastive.models import DINOHead, ViT, build_backbone
 from contrastive.train import train
 
@@ -18,7 +18,7 @@ QUIET = dict(progress=False, log=lambda *_: None, linear_probe=False)
 
 def _method(seed=0, backbone="convnet_tiny", **options):
     torch.manual_seed(seed)
-    return build_method("dino", build_backbone(backbone), 0, backbone_name=backbone, **options)
+    return build_method("dino", backbone, 0, **options)
 
 
 def _crops(n=8, local=2, seed=1):
@@ -34,10 +34,15 @@ def _images(n=8, seed=5):
     return torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
 
 
+def _student_parameters(model):
+    """The student's encoder and head parameters, in the teacher's order."""
+    return [*model.encoder.parameters(), *model.head.parameters()]
+
+
 def _perturb_student(model, seed=2):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model._student_parameters():
+        for p in _student_parameters(model):
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
@@ -99,10 +104,10 @@ def test_the_teacher_update_is_tau_xi_plus_one_minus_tau_theta_with_tau_from_the
     model = _method(tau_base=0.9)
     _perturb_student(model)
     before = [p.clone() for p in model.teacher.parameters()]
-    theta = [p.clone() for p in model._student_parameters()]
+    theta = [p.clone() for p in _student_parameters(model)]
     assert len(before) == len(theta) > 0 and not any(p.requires_grad for p in model.teacher.parameters())
     model.on_step_end(3, 10)
-    tau = target_momentum(3, 10, 0.9)
+    tau = cosine_momentum(3, 10, 0.9)
     triples = list(zip(before, model.teacher.parameters(), theta))
     assert all(torch.allclose(b, tau * a + (1 - tau) * t, rtol=0, atol=1e-6) for a, b, t in triples)
     assert not all(torch.allclose(b, 0.9 * a + 0.1 * t, atol=1e-4) for a, b, t in triples)
@@ -134,7 +139,7 @@ def test_a_training_step_draws_two_32px_global_crops_and_the_local_crops_at_16px
     model.loss = lambda g, loc: (
         seen.update(g=[x.shape for x in g], l=[x.shape for x in loc]) or torch.zeros(())
     )
-    model(_images())
+    model(_images(), torch.arange(8))
     assert seen["g"] == [(8, 3, 32, 32)] * 2 and seen["l"] == [(8, 3, 16, 16)] * 3
 
 
@@ -268,5 +273,8 @@ def test_a_dino_run_interrupted_after_epoch_one_and_resumed_matches_an_uninterru
     a, b = full.method.state_dict(), resumed.method.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "center" in a and any(k.startswith("teacher.") for k in a)
-    assert full.metrics[-1] == {**resumed.metrics[-1], "seconds": full.metrics[-1]["seconds"],
-                                "images_per_second": full.metrics[-1]["images_per_second"]}  # fmt: skip
+    assert full.metrics[-1] == {
+        **resumed.metrics[-1],
+        "seconds": full.metrics[-1]["seconds"],
+        "images_per_second": full.metrics[-1]["images_per_second"],
+    }

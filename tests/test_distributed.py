@@ -75,9 +75,25 @@ def test_torchrun_with_two_gloo_ranks_trains_and_only_rank_zero_writes(tmp_path)
         pytest.skip("CIFAR-10 is not in $CONTRASTIVE_DATA")
     out = tmp_path / "ddp"
     port = _free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "contrastive", "train", "--method", "simclr", "--profile", "smoke", "--epochs", "1",
-           "--no-linear", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "contrastive",
+        "train",
+        "--method",
+        "simclr",
+        "--profile",
+        "smoke",
+        "--epochs",
+        "1",
+        "--no-linear",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "CONTRASTIVE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

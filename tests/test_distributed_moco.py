@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from contrastive import distributed
 from contrastive.methods import build_method
-from contrastive.models import build_backbone
 
 WORLD, LOCAL_BATCH, QUEUE = 2, 4, 32
 # Float32 ranks against one float32 process over the same 8 images. Only reduction orders differ (BN over
@@ -48,8 +47,13 @@ def _flat_grad(model):
 
 def _rank_main(rank, port, out_dir):
     torch.set_num_threads(1)  # two processes share the CPU
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=30))  # fmt: skip
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=30),
+    )
     try:
         mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
         x_q, x_k = _inputs()

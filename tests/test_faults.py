@@ -76,8 +76,22 @@ def fake_cifar(tmp_path_factory) -> Path:
 
 
 def _train_cmd(method, out, *extra):
-    return [sys.executable, "-m", "contrastive", "train", "--method", method, "--profile", "smoke",
-            "--epochs", "3", "--no-linear", "--out", str(out), *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "contrastive",
+        "train",
+        "--method",
+        method,
+        "--profile",
+        "smoke",
+        "--epochs",
+        "3",
+        "--no-linear",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def _wait_for_epoch_one(proc, metrics: Path, timeout: float) -> dict:

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from contrastive.augment import eval_transform
 from contrastive.losses import nce_loss
 from contrastive.methods import build_method
-from contrastive.models import build_backbone
 from contrastive.train import train
 
 
@@ -51,14 +50,12 @@ def test_nce_loss_rejects_mismatched_shapes():
 
 def test_memory_bank_moves_the_batch_entries_only_and_keeps_them_on_the_sphere():
     torch.manual_seed(0)
-    method = build_method(
-        "instdisc", build_backbone("convnet_tiny"), num_images=50, num_noise=16, bank_momentum=0.5
-    )
+    method = build_method("instdisc", "convnet_tiny", num_images=50, num_noise=16, bank_momentum=0.5)
     before = method.bank.clone()
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     indices = torch.tensor([3, 7, 11, 20, 21, 40])
-    captured = {}
-    method.embed = lambda x, embed=method.embed: captured.setdefault("f", embed(x))
+    captured = {}  # the step's features f = normalise(W h), read at the head's output
+    method.head.register_forward_hook(lambda _, __, out: captured.setdefault("f", F.normalize(out, dim=1)))
     method(images, indices)
     expected = F.normalize(0.5 * before[indices] + 0.5 * captured["f"].detach(), dim=1)
     assert torch.allclose(method.bank[indices], expected, atol=1e-6)
@@ -70,15 +67,15 @@ def test_memory_bank_moves_the_batch_entries_only_and_keeps_them_on_the_sphere()
 
 def test_normaliser_is_estimated_on_the_first_batch_then_held_fixed():
     torch.manual_seed(0)
-    method = build_method("instdisc", build_backbone("convnet_tiny"), num_images=40, num_noise=8)
+    method = build_method("instdisc", "convnet_tiny", num_images=40, num_noise=8)
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     assert method.normaliser.item() == 0
     method(images, torch.arange(8))
     first = method.normaliser.item()
-    assert first > 0 and first == pytest.approx(method._estimates[0])
+    assert first > 0 and first == pytest.approx(method._logged["normaliser_estimate"][0].item())
     method(images, torch.arange(8, 16))
     assert method.normaliser.item() == first
-    estimates = list(method._estimates)
+    estimates = [e.item() for e in method._logged["normaliser_estimate"]]
     assert len(estimates) == 2 and estimates[1] != first  # the estimate is still taken on every batch
     metrics = method.epoch_metrics()
     assert metrics["normaliser"] == first
@@ -95,10 +92,10 @@ def test_instdisc_runs_through_the_training_loop_and_reports_its_normaliser(tiny
 
 def test_setup_fills_the_bank_with_the_untrained_encoders_centred_features():
     torch.manual_seed(0)
-    method = build_method("instdisc", build_backbone("convnet_small"), num_images=300, num_noise=16)
+    method = build_method("instdisc", "convnet_small", num_images=300, num_noise=16)
     images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
     random_bank = method.bank.clone()
-    method.setup(images, batch_size=100)
+    method.setup(images, torch.arange(300) % 10, batch_size=100)  # the labels are not used
     assert not torch.allclose(method.bank, random_bank)
     assert torch.allclose(method.bank.norm(dim=1), torch.ones(300), atol=1e-5)
     sims = method.bank @ method.bank.T

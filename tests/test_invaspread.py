@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from contrastive.losses import invaspread_loss
 from contrastive.methods import METHODS, build_method
-from contrastive.models import build_backbone
 from contrastive.train import train
 
 

@@ -97,8 +97,13 @@ def info_nce_reference(q, k_pos, negatives, temperature):
 
 
 @settings(max_examples=20, deadline=None)
-@given(n=st.integers(1, 6), k=st.integers(1, 9), d=st.integers(1, 8), temperature=st.floats(0.05, 2.0),
-       seed=st.integers(0, 999))  # fmt: skip
+@given(
+    n=st.integers(1, 6),
+    k=st.integers(1, 9),
+    d=st.integers(1, 8),
+    temperature=st.floats(0.05, 2.0),
+    seed=st.integers(0, 999),
+)
 def test_info_nce_equals_the_query_by_query_definition(n, k, d, temperature, seed):
     gen = torch.Generator().manual_seed(seed)
     q, pos, neg = (

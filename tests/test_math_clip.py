@@ -12,8 +12,10 @@ from contrastive.losses import clip_loss, multiview_info_nce
 
 def pairs(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, d, generator=gen, dtype=torch.float64),
-            torch.randn(n, d, generator=gen, dtype=torch.float64))  # fmt: skip
+    return (
+        torch.randn(n, d, generator=gen, dtype=torch.float64),
+        torch.randn(n, d, generator=gen, dtype=torch.float64),
+    )
 
 
 def similarities(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

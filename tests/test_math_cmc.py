@@ -50,8 +50,10 @@ def test_three_gaussian_views_respect_pairwise_core_and_full_graph_bounds():
         losses = dict.fromkeys(pairs, 0.0)
         for _ in range(30):
             s = torch.randn(k, d, generator=gen, dtype=torch.float64)
-            v = [math.sqrt(p) * s + math.sqrt(1 - p) * torch.randn(k, d, generator=gen, dtype=torch.float64)
-                 for p in rhos]  # fmt: skip
+            v = [
+                math.sqrt(p) * s + math.sqrt(1 - p) * torch.randn(k, d, generator=gen, dtype=torch.float64)
+                for p in rhos
+            ]
             for i, j in pairs:
                 losses[i, j] += pair_loss(v[i], v[j], math.sqrt(rhos[i] * rhos[j])) / 30
         for p in pairs:

@@ -114,11 +114,17 @@ def test_nce_gradient_without_the_posterior_weight_is_rejected():
     E = sp.symbols(f"E1:{K + 1}", positive=True)
     to_e = {sp.exp(si): ei for si, ei in zip(S, E)}
     point = {
-        E[0]: 2, E[1]: 5, E[2]: sp.Rational(1, 3),
-        PD[0]: sp.Rational(1, 2), PD[1]: sp.Rational(1, 3), PD[2]: sp.Rational(1, 6),
-        PN[0]: sp.Rational(1, 3), PN[1]: sp.Rational(1, 3), PN[2]: sp.Rational(1, 3),
+        E[0]: 2,
+        E[1]: 5,
+        E[2]: sp.Rational(1, 3),
+        PD[0]: sp.Rational(1, 2),
+        PD[1]: sp.Rational(1, 3),
+        PD[2]: sp.Rational(1, 6),
+        PN[0]: sp.Rational(1, 3),
+        PN[1]: sp.Rational(1, 3),
+        PN[2]: sp.Rational(1, 3),
         M: 4,
-    }  # fmt: skip
+    }
     for k in range(K):
         grad = (-sp.diff(_nce_loss(S), S[k])).subs(to_e).subs(point)
         weighted = _nce_closed_form(S, k).subs(to_e).subs(point)

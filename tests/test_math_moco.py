@@ -5,7 +5,6 @@ import torch
 
 from contrastive.losses import info_nce, nt_xent
 from contrastive.methods import build_method
-from contrastive.models import build_backbone
 
 m = sp.Symbol("m", positive=True)
 

@@ -288,8 +288,16 @@ def separable_xrays(n, seed):
 def test_supervised_baseline_learns_a_trivially_separable_problem_and_is_seeded():
     (xtr, ytr), (xte, yte) = separable_xrays(128, 0), separable_xrays(64, 1)
     data = ImageDataset(xtr, ytr, xte, yte, ["normal", "pneumonia"])
-    run = lambda seed: supervised_baseline(data, torch.arange(0, 128, 2), "convnet_tiny", epochs=1, seed=seed,
-                                           recipe=XRAY, batch_size=32, min_steps=25)  # fmt: skip
+    run = lambda seed: supervised_baseline(
+        data,
+        torch.arange(0, 128, 2),
+        "convnet_tiny",
+        epochs=1,
+        seed=seed,
+        recipe=XRAY,
+        batch_size=32,
+        min_steps=25,
+    )
     first = run(0)
     assert first["acc"] > 0.9 and first["auc"] > 0.95
     assert first["labels"] == 64 and first["steps"] == 25
@@ -303,8 +311,15 @@ def test_simclr_trains_on_one_channel_xrays_through_the_loop_adapter():
     profile = get_profile(
         "smoke", train_size=None, test_size=None, batch_size=32, epochs=1, eval_batch_size=64
     )
-    run = train("simclr", profile, data=data3, method_options={"recipe": recipe3}, linear_probe=False,
-                log=lambda *_: None, progress=False)  # fmt: skip
+    run = train(
+        "simclr",
+        profile,
+        data=data3,
+        method_options={"recipe": recipe3},
+        linear_probe=False,
+        log=lambda *_: None,
+        progress=False,
+    )
     assert run.method.recipe == recipe3 and run.summary["train_images"] == 64
     assert math.isfinite(run.metrics[-1]["loss"]) and 0 <= run.summary["knn_top1"] <= 1
 
@@ -317,8 +332,15 @@ def test_the_loop_refuses_one_channel_images_which_is_why_the_adapter_exists():
     )
     gray = ImageDataset(xtr, ytr, xte, yte, ["normal", "pneumonia"])
     with pytest.raises(ValueError, match="one entry per channel"):
-        train("simclr", profile, data=gray, method_options={"recipe": XRAY}, linear_probe=False,
-              log=lambda *_: None, progress=False)  # fmt: skip
+        train(
+            "simclr",
+            profile,
+            data=gray,
+            method_options={"recipe": XRAY},
+            linear_probe=False,
+            log=lambda *_: None,
+            progress=False,
+        )
 
 
 # ---- data -----------------------------------------------------------------------------------
@@ -334,10 +356,20 @@ def test_load_medmnist_gives_one_channel_xrays_and_three_channel_tiles(tmp_path)
     rng = np.random.default_rng(0)
     gray = lambda n: rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
     labels = lambda n, k: rng.integers(0, k, (n, 1)).astype(np.uint8)
-    _write_npz(tmp_path, "pneumoniamnist", train_images=gray(20), train_labels=labels(20, 2),
-               test_images=gray(6), test_labels=labels(6, 2))  # fmt: skip
-    _write_npz(tmp_path, "pathmnist", train_images=rng.integers(0, 256, (30, 28, 28, 3), dtype=np.uint8),
-               train_labels=labels(30, 9))  # fmt: skip
+    _write_npz(
+        tmp_path,
+        "pneumoniamnist",
+        train_images=gray(20),
+        train_labels=labels(20, 2),
+        test_images=gray(6),
+        test_labels=labels(6, 2),
+    )
+    _write_npz(
+        tmp_path,
+        "pathmnist",
+        train_images=rng.integers(0, 256, (30, 28, 28, 3), dtype=np.uint8),
+        train_labels=labels(30, 9),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # not the official md5, as expected
         xrays = load_medmnist("pneumoniamnist", tmp_path, download=False)
@@ -385,11 +417,16 @@ def test_pca_2d_finds_the_direction_of_largest_variance_with_a_fixed_sign():
 
 
 def test_results_table_shows_spread_for_several_seeds_and_the_papers_row():
-    results = {("SimCLR + probe", 0.1): [{"acc": 0.8, "auc": 0.9, "labels": 47}, {"acc": 0.9, "auc": 0.9,
-                                                                                   "labels": 47}],
-               ("SimCLR + probe", 1.0): [{"acc": 0.85, "auc": 0.95, "labels": 470}]}  # fmt: skip
-    text = results_table(results, (0.1, 1.0), {"name": "MedMNIST v2 ResNet-18 (paper)", "acc": 0.854,
-                                                "auc": 0.944})  # fmt: skip
+    results = {
+        ("SimCLR + probe", 0.1): [
+            {"acc": 0.8, "auc": 0.9, "labels": 47},
+            {"acc": 0.9, "auc": 0.9, "labels": 47},
+        ],
+        ("SimCLR + probe", 1.0): [{"acc": 0.85, "auc": 0.95, "labels": 470}],
+    }
+    text = results_table(
+        results, (0.1, 1.0), {"name": "MedMNIST v2 ResNet-18 (paper)", "acc": 0.854, "auc": 0.944}
+    )
     assert "±0.071" in text and "0.850" in text and "0.854" in text and "(paper)" in text
     assert mean_spread([0.8, 0.9]) == pytest.approx((0.85, 0.0707106781))
     assert mean_spread([0.5]) == (0.5, 0.0)

@@ -22,7 +22,12 @@ from contrastive.train import train
 def _moco(seed=0, name="moco", **options):
     torch.manual_seed(seed)
     options = {"queue_size": 16, "bn_splits": 2, **options}
-    return build_method(name, build_backbone("convnet_tiny"), 0, **options)
+    return build_method(name, "convnet_tiny", 0, **options)
+
+
+def _step(model, images):
+    """The training step on `images`; their dataset indices, which MoCo does not use."""
+    return model(images, torch.arange(len(images)))
 
 
 def _views(n=8, seed=1):
@@ -296,11 +301,11 @@ def test_bad_options_are_rejected_with_the_valid_values(options, message):
 
 
 def test_a_batch_that_bn_splits_does_not_divide_is_rejected_at_the_step():
-    model = _moco(bn_splits=3)
+    model, images = _moco(bn_splits=3), torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"batch of 8 images .* bn_splits=3 .* one of \[1, 2, 4, 8\]"):
-        model(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
+        _step(model, images)
     assert model.queue_ptr.item() == 0  # nothing was enqueued
-    assert torch.isfinite(_moco(bn_splits=4)(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)))
+    assert torch.isfinite(_step(_moco(bn_splits=4), images))
 
 
 def test_mocov2_is_moco_with_an_mlp_head_blur_and_a_warmer_temperature():
@@ -377,8 +382,8 @@ def test_a_moco_run_interrupted_after_epoch_one_and_resumed_matches_an_uninterru
 
 def test_default_bn_splits_is_eight_or_the_largest_divisor_leaving_two_samples_per_group():
     torch.manual_seed(0)
-    model = build_method("moco", build_backbone("convnet_tiny"), 10, queue_size=512)
+    model = build_method("moco", "convnet_tiny", 10, queue_size=512)
     for batch, expected in ((16, 8), (12, 6), (10, 5), (7, 1), (11, 1), (4, 2)):
-        model(torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8))
+        _step(model, torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8))
         groups = {m.num_splits for m in model.modules() if hasattr(m, "num_splits")}
         assert groups == {expected}, (batch, groups)

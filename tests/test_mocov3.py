@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from contrastive.losses import mocov3_loss
-from contrastive.methods import build_method
-from contrastive.methods.byol import target_momentum
+from contrastive.methods import Spec, build_method
 from contrastive.methods.mocov3 import MoCoV3
-from contrastive.models import ViT, build_backbone
+from contrastive.methods.momentum import cosine_momentum
+from contrastive.models import ViT
 from contrastive.train import adamw, train
 
 QUIET = dict(progress=False, log=lambda *_: None, linear_probe=False)
 
 
-def _method(seed=0, backbone_name="convnet_tiny", **options):
+def _method(seed=0, backbone="convnet_tiny", **options):
     torch.manual_seed(seed)
-    return build_method("mocov3", build_backbone("convnet_tiny"), 0, backbone_name=backbone_name, **options)
+    return build_method("mocov3", backbone, 0, **options)
 
 
 def _views(n=8, seed=1):
@@ -32,10 +32,20 @@ def _images(n=8, seed=5):
     )
 
 
+def _step(model, images):
+    """The training step on `images`; their dataset indices, which MoCo v3 does not use."""
+    return model(images, torch.arange(len(images)))
+
+
+def _base_parameters(model):
+    """The base encoder's ViT and projector parameters, in the momentum encoder's order."""
+    return [*model.encoder.parameters(), *model.projector.parameters()]
+
+
 def _perturb_base(model, seed=2):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model._base_parameters():
+        for p in _base_parameters(model):
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
 
 
@@ -100,10 +110,10 @@ def test_the_heads_follow_the_paper_with_bn_in_every_layer_and_no_queue():
 
 def test_the_momentum_encoder_is_a_copy_of_vit_and_projector_that_gets_no_gradient():
     model = _method()
-    base, keys = model._base_parameters(), list(model.momentum_encoder.parameters())
+    base, keys = _base_parameters(model), list(model.momentum_encoder.parameters())
     assert len(base) == len(keys) and all(torch.equal(a, b) for a, b in zip(base, keys))
     assert not any(p.requires_grad for p in keys)
-    model(_images()).backward()
+    _step(model, _images()).backward()
     assert all(p.grad is None for p in keys)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in base)
 
@@ -112,10 +122,10 @@ def test_the_momentum_update_is_m_theta_k_plus_one_minus_m_theta_q_with_m_from_t
     model = _method(tau_base=0.9)
     _perturb_base(model)
     before = [p.clone() for p in model.momentum_encoder.parameters()]
-    theta = [p.clone() for p in model._base_parameters()]
+    theta = [p.clone() for p in _base_parameters(model)]
     model.on_step_end(3, 10)
     m = 1 - 0.1 * (math.cos(math.pi * 3 / 10) + 1) / 2
-    assert m == pytest.approx(target_momentum(3, 10, 0.9), abs=1e-15)
+    assert m == pytest.approx(cosine_momentum(3, 10, 0.9), abs=1e-15)
     triples = list(zip(before, model.momentum_encoder.parameters(), theta))
     assert all(torch.allclose(b, m * a + (1 - m) * t, rtol=0, atol=1e-6) for a, b, t in triples)
     assert not all(torch.allclose(b, 0.9 * a + 0.1 * t, atol=1e-4) for a, b, t in triples)
@@ -126,7 +136,7 @@ def test_the_momentum_update_is_m_theta_k_plus_one_minus_m_theta_q_with_m_from_t
 
 
 @pytest.mark.parametrize(
-    "backbone_name, vit, dim",
+    "backbone, vit, dim",
     [
         ("convnet_tiny", None, 48),
         ("convnet_small", None, 64),
@@ -134,8 +144,8 @@ def test_the_momentum_update_is_m_theta_k_plus_one_minus_m_theta_q_with_m_from_t
         ("resnet18", "vit_nano", 48),
     ],
 )
-def test_the_vit_is_the_profiles_size_unless_chosen(backbone_name, vit, dim):
-    model = _method(backbone_name=backbone_name, vit=vit)
+def test_the_vit_is_the_profiles_size_unless_chosen(backbone, vit, dim):
+    model = _method(backbone=backbone, vit=vit)
     assert isinstance(model.encoder, ViT) and model.encoder.out_dim == dim
 
 
@@ -147,7 +157,7 @@ def test_a_frozen_patch_projection_stays_at_its_init_through_adamw_steps_while_t
     optimizer = adamw(model, 1e-3, 0.1)
     for step in range(3):
         optimizer.zero_grad(set_to_none=True)
-        model(_images(seed=step)).backward()
+        _step(model, _images(seed=step)).backward()
         optimizer.step()
         model.on_step_end(step, 10)
     patch = model.encoder.patch_embed
@@ -156,7 +166,7 @@ def test_a_frozen_patch_projection_stays_at_its_init_through_adamw_steps_while_t
     assert all(not torch.equal(others[n], p) for n, p in model.encoder.named_parameters() if n in others)
     trained = _method()  # without the option the projection trains
     optimizer = adamw(trained, 1e-3, 0.1)
-    trained(_images()).backward()
+    _step(trained, _images()).backward()
     optimizer.step()
     assert not torch.equal(trained.encoder.patch_embed.weight, init.weight)
 
@@ -229,9 +239,12 @@ def test_bad_options_are_rejected(options, message):
         _method(**options)
 
 
-def test_without_a_backbone_name_or_vit_the_error_says_what_to_pass():
-    with pytest.raises(ValueError, match="MoCo v3 needs a ViT.*got None"):
-        MoCoV3(build_backbone("convnet_tiny"))
+def test_a_backbone_without_a_vit_of_its_size_and_no_vit_the_error_says_what_to_pass():
+    # every profile's backbone has a ViT of its size; a backbone outside that table needs vit
+    vits = r"\['vit_nano', 'vit_small', 'vit_tiny'\]"
+    with pytest.raises(ValueError, match=rf"MoCo v3 needs a ViT: vit must be one of {vits}.*got 'lenet'"):
+        MoCoV3(Spec(backbone="lenet"))
+    assert MoCoV3(Spec(backbone="lenet"), vit="vit_nano").encoder.out_dim == 48  # the ViT chosen instead
 
 
 # ---- training through the common loop -------------------------------------------------------------------
@@ -250,12 +263,12 @@ def test_mocov3_trains_through_the_common_loop_with_adamw_and_records_every_step
         assert all(g > 0 and math.isfinite(g) for g in row["token_grad_norm"])
         assert ("patch_grad_norm" in row) != frozen
         assert 0 <= row["instance_accuracy"] <= 1
-        assert row["momentum"] == pytest.approx(target_momentum(4 * epoch - 1, 8), abs=1e-12)
+        assert row["momentum"] == pytest.approx(cosine_momentum(4 * epoch - 1, 8), abs=1e-12)
     if not frozen:
         assert all(g > 0 for g in run.metrics[-1]["patch_grad_norm"])
     torch.manual_seed(0)  # the loop's seed: the same initialisation
     name = tiny_profile.backbone
-    init = build_method("mocov3", build_backbone(name), 0, backbone_name=name)
+    init = build_method("mocov3", name, 0)
     same = torch.equal(run.method.encoder.patch_embed.weight, init.encoder.patch_embed.weight)
     assert same == frozen
 
@@ -267,8 +280,11 @@ def test_a_mocov3_run_interrupted_after_epoch_one_and_resumed_matches_an_uninter
     a, b = full.method.state_dict(), resumed.method.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(k.startswith("momentum_encoder.") for k in a)
-    assert full.metrics[-1] == {**resumed.metrics[-1], "seconds": full.metrics[-1]["seconds"],
-                                "images_per_second": full.metrics[-1]["images_per_second"]}  # fmt: skip
+    assert full.metrics[-1] == {
+        **resumed.metrics[-1],
+        "seconds": full.metrics[-1]["seconds"],
+        "images_per_second": full.metrics[-1]["images_per_second"],
+    }
 
 
 def test_in_bfloat16_autocast_the_loss_is_float32_and_close_to_the_float32_loss():
@@ -295,7 +311,7 @@ def _rank_main(rank, world, port, out):
         mine = slice(rank * 4, (rank + 1) * 4)
         loss = model.loss(x1[mine], x2[mine])
         loss.backward()
-        grad = torch.cat([p.grad.flatten() for p in model._base_parameters() if p.grad is not None])
+        grad = torch.cat([p.grad.flatten() for p in _base_parameters(model) if p.grad is not None])
         dist.all_reduce(grad)  # DistributedDataParallel averages the ranks' gradients; do the same by hand
         out[rank, : len(grad)] = grad / world
         out[rank, -2] = loss.detach()
@@ -316,7 +332,7 @@ def test_over_two_ranks_the_loss_and_gradients_are_those_of_one_process_with_key
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     model = _method().double()
-    size = sum(p.numel() for p in model._base_parameters() if p.requires_grad)
+    size = sum(p.numel() for p in _base_parameters(model) if p.requires_grad)
     out = torch.zeros(2, size + 2, dtype=torch.float64).share_memory_()
     mp.spawn(_rank_main, args=(2, port, out), nprocs=2, join=True)
 
@@ -332,13 +348,15 @@ def test_over_two_ranks_the_loss_and_gradients_are_those_of_one_process_with_key
     def per_rank(f, x):
         return torch.cat([f(x[r * 4 : (r + 1) * 4]) for r in range(2)])
 
-    q1, q2 = (per_rank(lambda v: model.predictor(model.projector(model.encoder(v, watch=keep))), x)
-              for x in (x1, x2))  # fmt: skip
+    q1, q2 = (
+        per_rank(lambda v: model.predictor(model.projector(model.encoder(v, watch=keep))), x)
+        for x in (x1, x2)
+    )
     with torch.no_grad():
         k1, k2 = (per_rank(model.momentum_encoder, x) for x in (x1, x2))
     loss = mocov3_loss(q1, k2, 0.2) + mocov3_loss(q2, k1, 0.2)
     loss.backward()
-    grad = torch.cat([p.grad.flatten() for p in model._base_parameters() if p.grad is not None])
+    grad = torch.cat([p.grad.flatten() for p in _base_parameters(model) if p.grad is not None])
     for rank in range(2):
         assert out[rank, -2].item() == pytest.approx(loss.item(), rel=1e-12)
         assert torch.allclose(out[rank, :size], grad, rtol=1e-9, atol=1e-12)

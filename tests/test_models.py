@@ -82,9 +82,16 @@ def test_the_feature_is_the_cls_token_and_each_image_is_embedded_independently()
     x = torch.randn(4, 3, 32, 32)
     both = net(x)
     assert torch.allclose(both[:2], net(x[:2]), atol=1e-5)  # no batch statistics: rows do not interact
-    assert torch.allclose(both, net.norm(net.blocks(
-        torch.cat([net.cls_token.expand(4, -1, -1), net.patch_embed(x).flatten(2).transpose(1, 2)], 1)
-        + net.pos_embed))[:, 0], atol=1e-6)  # fmt: skip
+    assert torch.allclose(
+        both,
+        net.norm(
+            net.blocks(
+                torch.cat([net.cls_token.expand(4, -1, -1), net.patch_embed(x).flatten(2).transpose(1, 2)], 1)
+                + net.pos_embed
+            )
+        )[:, 0],
+        atol=1e-6,
+    )
 
 
 def test_width_scales_a_vits_token_dimension_to_a_multiple_of_its_heads():

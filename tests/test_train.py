@@ -9,8 +9,18 @@ from contrastive.methods.simclr import SimCLR
 from contrastive.runinfo import atomic_write_bytes
 from contrastive.train import NonFiniteLossError, load_checkpoint, lr_at, train
 
-CONTRACT_KEYS = {"method", "profile", "epochs", "knn_top1", "knn_top1_random_init", "seconds",
-                 "images_per_second", "device", "torch", "commit"}  # fmt: skip
+CONTRACT_KEYS = {
+    "method",
+    "profile",
+    "epochs",
+    "knn_top1",
+    "knn_top1_random_init",
+    "seconds",
+    "images_per_second",
+    "device",
+    "torch",
+    "commit",
+}
 
 
 def _weights(model):

@@ -89,8 +89,11 @@ def test_the_first_code_cell_after_each_theorem_the_zoo_cites_asserts_it():
 
 
 def test_every_loss_of_the_package_has_its_section_in_the_zoo():
-    functions = [name for name, f in inspect.getmembers(losses, inspect.isfunction)
-                 if f.__module__ == losses.__name__ and not name.startswith("_")]  # fmt: skip
+    functions = [
+        name
+        for name, f in inspect.getmembers(losses, inspect.isfunction)
+        if f.__module__ == losses.__name__ and not name.startswith("_")
+    ]
     assert "nt_xent" in functions and "clip_loss" in functions
     absent = [name for name in functions if name not in NOT_LOSSES and f"`{name}(" not in ZOO]
     assert not absent, f"book/zoo.md does not show how to call {absent}: add each loss to the zoo"
@@ -111,8 +114,22 @@ def test_the_appendix_pages_are_in_the_toc_before_the_bibliography():
 # --------------------------------------------------------------------------- the notation page
 
 
-@pytest.mark.parametrize("symbol", [r"$\tau$", "$K$", "$N$", "$B$", "$m$", "$q$, $k_+$", "$z = g(h)$",
-                                    "$v$, $v'$", "$P_t$, $P_s$", r"$s = 1/\tau$", "$h = f(x)$"])  # fmt: skip
+@pytest.mark.parametrize(
+    "symbol",
+    [
+        r"$\tau$",
+        "$K$",
+        "$N$",
+        "$B$",
+        "$m$",
+        "$q$, $k_+$",
+        "$z = g(h)$",
+        "$v$, $v'$",
+        "$P_t$, $P_s$",
+        r"$s = 1/\tau$",
+        "$h = f(x)$",
+    ],
+)
 def test_the_notation_page_defines_the_books_core_symbols(symbol):
     rows = [line for line in NOTATION.splitlines() if line.startswith(f"| {symbol}")]
     assert rows, f"book/notation.md has no row that starts with {symbol}"
@@ -130,8 +147,14 @@ def test_the_landing_table_matches_every_notebooks_metadata():
 
 
 def test_a_landing_row_copies_the_metadata_and_marks_a_notebook_never_run(tmp_path):
-    run = {"profile": "gpu", "device": "NVIDIA H200", "torch": "2.13.0", "date": "2026-12-02 10:00 UTC",
-           "seconds": 754.0, "commit": "abc"}  # fmt: skip
+    run = {
+        "profile": "gpu",
+        "device": "NVIDIA H200",
+        "torch": "2.13.0",
+        "date": "2026-12-02 10:00 UTC",
+        "seconds": 754.0,
+        "commit": "abc",
+    }
     cells = [{"cell_type": "markdown", "source": ["# CPC: InfoNCE\n", "text"], "metadata": {}}]
     ran = tmp_path / "02_cpc.ipynb"
     ran.write_text(json.dumps({"cells": cells, "metadata": {"contrastive": run}}))

@@ -26,14 +26,39 @@ def _train(args) -> int:
     from .train import train
 
     profile = get_profile(args.profile, compile=True) if args.compile else args.profile
-    run = train(args.method, profile=profile, out_dir=args.out, epochs=args.epochs,
-                seed=args.seed, resume=args.resume, linear_probe=not args.no_linear,
-                method_options=dict(args.option), sync_bn=args.sync_bn)  # fmt: skip
+    run = train(
+        args.method,
+        profile=profile,
+        out_dir=args.out,
+        epochs=args.epochs,
+        seed=args.seed,
+        resume=args.resume,
+        linear_probe=not args.no_linear,
+        method_options=dict(args.option),
+        sync_bn=args.sync_bn,
+    )
     cleanup()
     s = run.summary
-    print(json.dumps({k: s[k] for k in ("method", "profile", "epochs", "knn_top1", "knn_top1_random_init",
-                                        "linear_top1", "linear_top1_random_init", "train_seconds",
-                                        "images_per_second", "device")}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                k: s[k]
+                for k in (
+                    "method",
+                    "profile",
+                    "epochs",
+                    "knn_top1",
+                    "knn_top1_random_init",
+                    "linear_top1",
+                    "linear_top1_random_init",
+                    "train_seconds",
+                    "images_per_second",
+                    "device",
+                )
+            },
+            indent=2,
+        )
+    )
     if args.out:
         print(f"wrote {args.out}/summary.json and {args.out}/metrics.jsonl")
     return 0
@@ -82,19 +107,31 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("train", help="train a method and evaluate it against its random init")
     p.add_argument("--method", required=True, choices=sorted(METHODS))
-    p.add_argument("--profile", choices=list(PROFILES), default=None,
-                   help="default: $CONTRASTIVE_PROFILE, else gpu with CUDA and cpu without")  # fmt: skip
+    p.add_argument(
+        "--profile",
+        choices=list(PROFILES),
+        default=None,
+        help="default: $CONTRASTIVE_PROFILE, else gpu with CUDA and cpu without",
+    )
     p.add_argument("--epochs", type=int, default=None, help="default: the profile's")
     p.add_argument("--out", default=None, help="folder for metrics.jsonl, checkpoints and summary.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe (kNN only)")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="torchrun on GPUs: BatchNorm statistics over all ranks")  # fmt: skip
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the method (CUDA only; ignored on CPUs)")  # fmt: skip
-    p.add_argument("--option", type=parse_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="a method option, e.g. --option views=rgb for CMC (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--sync-bn", action="store_true", help="torchrun on GPUs: BatchNorm statistics over all ranks"
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the method (CUDA only; ignored on CPUs)"
+    )
+    p.add_argument(
+        "--option",
+        type=parse_option,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, e.g. --option views=rgb for CMC (repeatable)",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate the newest checkpoint of a run (kNN, linear probe)")
@@ -107,8 +144,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 512, 1024], help="augment only")
     p.add_argument("--seconds", type=float, default=3.0, help="augment: timed seconds per measurement")
     p.add_argument("--method", choices=sorted(METHODS), default=None, help="step: the method to time")
-    p.add_argument("--methods", choices=sorted(METHODS), nargs="+", default=None,
-                   help="all: default every one")  # fmt: skip
+    p.add_argument(
+        "--methods", choices=sorted(METHODS), nargs="+", default=None, help="all: default every one"
+    )
     p.add_argument("--profile", choices=list(PROFILES), default=None, help="step, all: default as for train")
     p.add_argument("--batch-size", type=int, default=None, help="step, all: default the profile's")
     p.add_argument("--warmup", type=int, default=3, help="step, all: untimed steps first")

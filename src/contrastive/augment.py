@@ -262,8 +262,17 @@ def color_jitter(
     # drawn per call and shared by the batch. A per-image order costs a gather and a
     # scatter of the whole batch per op position, a third of the jitter's time on a
     # CPU, while over an epoch of batches every order still occurs equally often.
-    order = _rand((4,), generator, device).argsort().tolist()
-    rows = applied.nonzero().squeeze(1)
+    # The order is drawn on the CPU (the generator's device, if given), so reading it waits for nothing.
+    order = _rand((4,), generator, generator.device if generator is not None else "cpu").argsort().tolist()
+    if device.type != "cpu":
+        # Selecting the chosen rows would make the host wait for the device (their number decides the
+        # shapes); on a GPU every row is jittered and torch.where keeps the chosen ones.
+        piece = x
+        for j in order:
+            if ops[j] is not None:
+                piece = ops[j](piece, factors[:, j])
+        return torch.where(_per_sample(applied), piece, x)
+    rows = applied.nonzero().squeeze(1)  # on a CPU only the chosen rows are computed
     piece = x[rows]
     for j in order:
         if ops[j] is not None and len(piece):

@@ -145,9 +145,20 @@ def format_table(rows: Sequence[dict]) -> str:
 # ---- one method's training step ----------------------------------------------------------------
 
 STEP_FIELDS = (
-    "method", "profile", "device", "batch_size", "compiled", "images_per_second", "window_images_per_second",
-    "warmup_steps", "steps_per_window", "peak_memory_bytes", "peak_memory_kind", "torch", "commit",
-)  # fmt: skip
+    "method",
+    "profile",
+    "device",
+    "batch_size",
+    "compiled",
+    "images_per_second",
+    "window_images_per_second",
+    "warmup_steps",
+    "steps_per_window",
+    "peak_memory_bytes",
+    "peak_memory_kind",
+    "torch",
+    "commit",
+)
 
 
 def time_steps(
@@ -168,8 +179,10 @@ def time_steps(
     does not move the figure.
     """
     if warmup < 0 or windows < 1 or steps_per_window < 1:
-        raise ValueError(f"need warmup >= 0, windows >= 1 and steps_per_window >= 1; got {warmup}, "
-                         f"{windows}, {steps_per_window}")  # fmt: skip
+        raise ValueError(
+            f"need warmup >= 0, windows >= 1 and steps_per_window >= 1; got {warmup}, "
+            f"{windows}, {steps_per_window}"
+        )
     for _ in range(warmup):
         step()
     _synchronize(device)
@@ -192,8 +205,12 @@ def time_steps(
     ordered = sorted(rates)
     middle = len(ordered) // 2
     median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-    return {"images_per_second": median, "window_images_per_second": rates, "warmup_steps": warmup,
-            "steps_per_window": steps_per_window}  # fmt: skip
+    return {
+        "images_per_second": median,
+        "window_images_per_second": rates,
+        "warmup_steps": warmup,
+        "steps_per_window": steps_per_window,
+    }
 
 
 def _peak_memory(device: torch.device) -> tuple[int | None, str]:
@@ -206,9 +223,16 @@ def _peak_memory(device: torch.device) -> tuple[int | None, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_max_rss"
 
 
-def bench_step(method: str, profile: str | None = None, batch_size: int | None = None, warmup: int = 3,
-               windows: int = 5, steps_per_window: int = 3, options: dict | None = None,
-               compile: bool = False) -> dict:  # fmt: skip
+def bench_step(
+    method: str,
+    profile: str | None = None,
+    batch_size: int | None = None,
+    warmup: int = 3,
+    windows: int = 5,
+    steps_per_window: int = 3,
+    options: dict | None = None,
+    compile: bool = False,
+) -> dict:
     """Training images/s and peak memory of one method's full step (views, forward, backward, optimiser
     step, per-step hook) on the profile's device, backbone and batch size, on random uint8 images.
     `compile=True` runs the method through torch.compile, as the profile's own `compile` does (CUDA
@@ -237,8 +261,18 @@ def bench_step(method: str, profile: str | None = None, batch_size: int | None =
 
     def step():
         idx = torch.randint(0, pool, (batch,), device=device)
-        train_step(model, optimizer, images[idx], idx, peak_lr, counter["step"], total, runner, use_amp,
-                   check=device.type != "cuda")  # fmt: skip
+        train_step(
+            model,
+            optimizer,
+            images[idx],
+            idx,
+            peak_lr,
+            counter["step"],
+            total,
+            runner,
+            use_amp,
+            check=device.type != "cuda",
+        )
         counter["step"] += 1
 
     if device.type == "cuda":
@@ -246,9 +280,18 @@ def bench_step(method: str, profile: str | None = None, batch_size: int | None =
     model.train()
     timing = time_steps(step, batch, device, warmup, windows, steps_per_window)
     peak, kind = _peak_memory(device)
-    return {"method": method, "profile": prof.name, "device": device_description(device), "batch_size": batch,
-            "compiled": runner is not model, **timing, "peak_memory_bytes": peak, "peak_memory_kind": kind,
-            "torch": torch.__version__, "commit": git_commit()}  # fmt: skip
+    return {
+        "method": method,
+        "profile": prof.name,
+        "device": device_description(device),
+        "batch_size": batch,
+        "compiled": runner is not model,
+        **timing,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": kind,
+        "torch": torch.__version__,
+        "commit": git_commit(),
+    }
 
 
 def check_step_row(row: dict) -> dict:
@@ -303,16 +346,19 @@ def format_step_table(rows: Sequence[dict]) -> str:
     lines = [head, f"{'method':12s}{'batch':>7s}{'images/s':>11s}{'peak memory (MiB)':>20s}  kind"]
     for r in rows:
         peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:,.0f}"
-        lines.append(f"{r['method']:12s}{r['batch_size']:7d}{r['images_per_second']:11,.0f}{peak:>20s}  "
-                     f"{r['peak_memory_kind']}")  # fmt: skip
+        lines.append(
+            f"{r['method']:12s}{r['batch_size']:7d}{r['images_per_second']:11,.0f}{peak:>20s}  "
+            f"{r['peak_memory_kind']}"
+        )
     return "\n".join(lines)
 
 
 # ---- the records the benchmark chapter reads ----------------------------------------------------
 
 
-def load_records(results: str | Path, profile: str = "cpu",
-                 methods: Sequence[str] | None = None) -> list[dict]:  # fmt: skip
+def load_records(
+    results: str | Path, profile: str = "cpu", methods: Sequence[str] | None = None
+) -> list[dict]:
     """One row per method: its reference run (`results/<method>_<profile>/summary.json`: accuracies, wall
     time, where it ran) joined with its `bench all` row (`results/bench_step_<profile>.json`: images/s and
     peak memory, every method on one machine). A method missing from either record is an error naming
@@ -324,28 +370,41 @@ def load_records(results: str | Path, profile: str = "cpu",
     results = Path(results)
     bench_path = results / f"bench_step_{profile}.json"
     if not bench_path.is_file():
-        raise FileNotFoundError(f"no throughput record {bench_path}: run `python -m contrastive bench all "
-                                f"--profile {profile} --json {bench_path}`")  # fmt: skip
+        raise FileNotFoundError(
+            f"no throughput record {bench_path}: run `python -m contrastive bench all "
+            f"--profile {profile} --json {bench_path}`"
+        )
     bench = {row["method"]: check_step_row(row) for row in json.loads(bench_path.read_text())}
     rows = []
     for method in methods or sorted(METHODS):
         summary_path = results / f"{method}_{profile}" / "summary.json"
         if not summary_path.is_file():
-            raise FileNotFoundError(f"no reference run {summary_path}: run `python -m contrastive train "
-                                    f"--method {method} --profile {profile} "
-                                    f"--out {summary_path.parent}`")  # fmt: skip
+            raise FileNotFoundError(
+                f"no reference run {summary_path}: run `python -m contrastive train "
+                f"--method {method} --profile {profile} "
+                f"--out {summary_path.parent}`"
+            )
         if method not in bench:
             raise ValueError(f"{bench_path} has no row for {method}")
         s, b = json.loads(summary_path.read_text()), bench[method]
         if s["method"] != method or s["profile"] != profile or b["profile"] != profile:
             raise ValueError(f"{summary_path} or {bench_path} is not a {method}/{profile} record")
-        rows.append({
-            "method": method, "epochs": s["epochs"], "knn_top1": s["knn_top1"],
-            "knn_top1_random_init": s["knn_top1_random_init"], "linear_top1": s.get("linear_top1"),
-            "linear_top1_random_init": s.get("linear_top1_random_init"), "train_seconds": s["train_seconds"],
-            "seconds": s["seconds"], "run_device": s["device"], "images_per_second": b["images_per_second"],
-            "peak_memory_bytes": b["peak_memory_bytes"], "bench_device": b["device"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "method": method,
+                "epochs": s["epochs"],
+                "knn_top1": s["knn_top1"],
+                "knn_top1_random_init": s["knn_top1_random_init"],
+                "linear_top1": s.get("linear_top1"),
+                "linear_top1_random_init": s.get("linear_top1_random_init"),
+                "train_seconds": s["train_seconds"],
+                "seconds": s["seconds"],
+                "run_device": s["device"],
+                "images_per_second": b["images_per_second"],
+                "peak_memory_bytes": b["peak_memory_bytes"],
+                "bench_device": b["device"],
+            }
+        )
     return rows
 
 

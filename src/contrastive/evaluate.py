@@ -86,8 +86,9 @@ def _fit_linear(x, y, num_classes, weight_decay, max_iter, zero_init: bool = Fal
     else:
         torch.manual_seed(0)
         layer = nn.Linear(x.shape[1], num_classes).to(x.device)
-    opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-                            line_search_fn="strong_wolfe")  # fmt: skip
+    opt = torch.optim.LBFGS(
+        layer.parameters(), lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -139,8 +140,9 @@ def linear_probe(
     }
 
 
-def evaluate_backbone(backbone: nn.Module, data, batch_size: int = 1024, knn_k: int = 200,
-                      linear: bool = True) -> dict:  # fmt: skip
+def evaluate_backbone(
+    backbone: nn.Module, data, batch_size: int = 1024, knn_k: int = 200, linear: bool = True
+) -> dict:
     """kNN (and optionally the linear probe) of a backbone on a dataset's train/test splits."""
     train_feats = extract_features(backbone, data.train_images, batch_size)
     test_feats = extract_features(backbone, data.test_images, batch_size)

@@ -23,16 +23,19 @@ def _check_temperature(temperature: float, name: str = "temperature") -> None:
         )
 
 
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    """Refuse NaN or infinite entries, naming the argument, its shape and how many entries are bad.
+def _values_checked(x: torch.Tensor) -> bool:
+    """Whether the checks that read a tensor's values run: only on the CPU, where the read is cheap.
 
-    Only on the CPU, where the check is a cheap read. On a GPU, reading the answer would make
-    the host wait for the device at every call (DINO calls a loss ten times a step); there the
-    training loop's check of the loss, read once per interval, stands in.
+    On a GPU, reading the answer would make the host wait for the device at every call (DINO
+    calls a loss ten times a step); there the training loop's check of the loss, read once per
+    interval, stands in. Shapes are checked everywhere.
     """
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return
-    if not torch.isfinite(x).all():
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    """Refuse NaN or infinite entries, naming the argument, its shape and how many entries are bad."""
+    if _values_checked(x) and not torch.isfinite(x).all():
         bad = x.numel() - int(torch.isfinite(x).sum())
         raise NonFiniteInputError(
             f"{name} {tuple(x.shape)} has {bad} non-finite (NaN or infinite) entries of {x.numel()}"
@@ -121,7 +124,7 @@ def nce_loss(
     if not num_data > 0:
         raise ValueError(f"num_data must be positive; got {num_data}")
     z = torch.as_tensor(normaliser, dtype=positive_sim.dtype, device=positive_sim.device)
-    if not ((z > 0) & (z < math.inf)).all():
+    if _values_checked(z) and not ((z > 0) & (z < math.inf)).all():
         raise ValueError(f"normaliser must be positive and finite; got {normaliser}")
     m = noise_sim.shape[1]
     log_z = torch.log(z)
@@ -300,9 +303,11 @@ def clip_loss(
     if scale.dim() != 0:
         raise ValueError(f"logit_scale must be a number or a 0-d tensor, got shape {tuple(scale.shape)}")
     _check_finite("logit_scale", scale)
-    if not float(scale.detach()) > 0:
-        raise ValueError(f"logit_scale must be positive (got {float(scale.detach())}); it is 1/temperature, "
-                         "so pass the exponential of the learned log-scale")  # fmt: skip
+    if _values_checked(scale) and not float(scale.detach()) > 0:
+        raise ValueError(
+            f"logit_scale must be positive (got {float(scale.detach())}); it is 1/temperature, "
+            "so pass the exponential of the learned log-scale"
+        )
     dtype = torch.promote_types(image_emb.dtype, torch.float32)  # bf16 under autocast: softmax in fp32
     image = F.normalize(image_emb.to(dtype), dim=1)
     text = F.normalize(text_emb.to(dtype), dim=1)

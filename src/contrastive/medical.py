@@ -50,9 +50,17 @@ XRAY_MEAN, XRAY_STD = (0.572,), (0.168,)
 # that the data set does not contain. Where the label does not depend on the side
 # (PneumoniaMNIST's does not), `dataclasses.replace(XRAY, flip_p=0.5)` is the experiment.
 XRAY = Recipe(
-    size=28, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.0, jitter=(0.4, 0.4, 0.0, 0.0),
-    jitter_p=0.8, gray_p=0.0, blur_p=0.0, mean=XRAY_MEAN, std=XRAY_STD,
-)  # fmt: skip
+    size=28,
+    scale=(0.35, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    flip_p=0.0,
+    jitter=(0.4, 0.4, 0.0, 0.0),
+    jitter_p=0.8,
+    gray_p=0.0,
+    blur_p=0.0,
+    mean=XRAY_MEAN,
+    std=XRAY_STD,
+)
 
 # H&E histology tiles, three channels. Tissue in a slide has no up or down, so flips
 # and 90-degree rotations change nothing a pathologist reads (`dihedral` below; the
@@ -64,9 +72,17 @@ XRAY = Recipe(
 # evaluation normalises with CIFAR-10's statistics (see `for_training_loop`), so
 # the recipe does as well.
 HISTOLOGY = Recipe(
-    size=28, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, jitter=(0.25, 0.25, 0.3, 0.05),
-    jitter_p=0.8, gray_p=0.0, blur_p=0.0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-)  # fmt: skip
+    size=28,
+    scale=(0.35, 1.0),
+    ratio=(3 / 4, 4 / 3),
+    flip_p=0.5,
+    jitter=(0.25, 0.25, 0.3, 0.05),
+    jitter_p=0.8,
+    gray_p=0.0,
+    blur_p=0.0,
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
+)
 
 
 def dihedral(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -100,9 +116,13 @@ def for_training_loop(data: ImageDataset, recipe: Recipe) -> tuple[ImageDataset,
     if channels == 1:
         splits = ("train_images", "val_images", "test_images")
         data = dataclasses.replace(
-            data, **{s: getattr(data, s).expand(-1, 3, -1, -1).contiguous() for s in splits
-                     if getattr(data, s) is not None}
-        )  # fmt: skip
+            data,
+            **{
+                s: getattr(data, s).expand(-1, 3, -1, -1).contiguous()
+                for s in splits
+                if getattr(data, s) is not None
+            },
+        )
     return data, dataclasses.replace(recipe, mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
 
@@ -132,16 +152,44 @@ class Budget:
 
 
 BUDGETS = {
-    "smoke": Budget(xray_train=600, xray_test=200, xray_epochs=2, tiles=300, tile_test_fraction=0.3,
-                    tile_epochs=3, tile_batch=50, baseline_epochs=2, baseline_min_steps=8, seeds=(0, 1),
-                    tile_fractions=(0.2, 1.0)),  # 10% of 210 tiles leaves classes with a single label
-    "cpu": Budget(xray_train=None, xray_test=None, xray_epochs=40, tiles=1000, tile_test_fraction=0.3,
-                  tile_epochs=150, tile_batch=128, baseline_epochs=30, baseline_min_steps=300,
-                  seeds=(0, 1, 2)),
-    "gpu": Budget(xray_train=None, xray_test=None, xray_epochs=200, tiles=1000, tile_test_fraction=0.3,
-                  tile_epochs=600, tile_batch=128, baseline_epochs=100, baseline_min_steps=1000,
-                  seeds=(0, 1, 2, 3, 4)),
-}  # fmt: skip
+    "smoke": Budget(
+        xray_train=600,
+        xray_test=200,
+        xray_epochs=2,
+        tiles=300,
+        tile_test_fraction=0.3,
+        tile_epochs=3,
+        tile_batch=50,
+        baseline_epochs=2,
+        baseline_min_steps=8,
+        seeds=(0, 1),
+        tile_fractions=(0.2, 1.0),
+    ),  # 10% of 210 tiles leaves classes with a single label
+    "cpu": Budget(
+        xray_train=None,
+        xray_test=None,
+        xray_epochs=40,
+        tiles=1000,
+        tile_test_fraction=0.3,
+        tile_epochs=150,
+        tile_batch=128,
+        baseline_epochs=30,
+        baseline_min_steps=300,
+        seeds=(0, 1, 2),
+    ),
+    "gpu": Budget(
+        xray_train=None,
+        xray_test=None,
+        xray_epochs=200,
+        tiles=1000,
+        tile_test_fraction=0.3,
+        tile_epochs=600,
+        tile_batch=128,
+        baseline_epochs=100,
+        baseline_min_steps=1000,
+        seeds=(0, 1, 2, 3, 4),
+    ),
+}
 
 
 def budget(profile: Profile) -> Budget:
@@ -190,9 +238,14 @@ def synthetic_stand_in(name: str, n_train: int, n_test: int, seed: int = 0) -> I
 
     (xtr, ytr), (xte, yte) = split(n_train), split(n_test)
     return ImageDataset(
-        xtr, ytr, xte, yte, [f"synthetic {c}" for c in classes], name=f"synthetic stand-in for {name}",
+        xtr,
+        ytr,
+        xte,
+        yte,
+        [f"synthetic {c}" for c in classes],
+        name=f"synthetic stand-in for {name}",
         source=f"SYNTHETIC STAND-IN for {name} (random gratings, no medical images, numbers mean nothing)",
-    )  # fmt: skip
+    )
 
 
 def load_chapter_data(
@@ -207,9 +260,12 @@ def load_chapter_data(
     """
     path = data_root(root) / "medmnist" / f"{name}.npz"
     if profile.name == "smoke" and name in _STAND_IN_CHANNELS and not path.is_file():
-        warnings.warn(f"{path} is missing: the smoke profile trains on a SYNTHETIC STAND-IN for {name}, "
-                      "not on medical images; put the file there to smoke-test the real data.",
-                      UserWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{path} is missing: the smoke profile trains on a SYNTHETIC STAND-IN for {name}, "
+            "not on medical images; put the file there to smoke-test the real data.",
+            UserWarning,
+            stacklevel=2,
+        )
         b = budget(profile)
         sizes = {"pneumoniamnist": (b.xray_train, b.xray_test), "pathmnist": (b.tiles, 0)}
         return synthetic_stand_in(name, *sizes[name])
@@ -229,10 +285,15 @@ def first_tiles(data: ImageDataset, n: int, test_fraction: float, seed: int = 0)
     train = torch.ones(n, dtype=torch.bool)
     train[test] = False
     return dataclasses.replace(
-        data, train_images=images[train], train_labels=labels[train], test_images=images[test],
-        test_labels=labels[test], val_images=None, val_labels=None,
+        data,
+        train_images=images[train],
+        train_labels=labels[train],
+        test_images=images[test],
+        test_labels=labels[test],
+        val_images=None,
+        val_labels=None,
         source=f"{data.source}; first {n} training tiles, {len(test)} held out as test (stratified)",
-    )  # fmt: skip
+    )
 
 
 def label_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
@@ -333,8 +394,10 @@ def probe(
     labelled = label_subset(train_labels, fraction, seed).to(train_feats.device)
     x, y = train_feats[labelled], train_labels[labelled]
     if int(torch.bincount(y.cpu(), minlength=num_classes).min()) < 2:
-        raise ValueError(f"a {fraction:.0%} label subset leaves a class with fewer than 2 images, one to fit "
-                         "and one to validate: choose a larger fraction.")  # fmt: skip
+        raise ValueError(
+            f"a {fraction:.0%} label subset leaves a class with fewer than 2 images, one to fit "
+            "and one to validate: choose a larger fraction."
+        )
     mean, std = x.mean(0), x.std(0) + 1e-6
     x, xte = (x - mean) / std, (test_feats - mean) / std
     val = label_subset(y, val_fraction, seed + 1).to(x.device)
@@ -349,8 +412,12 @@ def probe(
     layer = _fit_linear(x, y, num_classes, best, max_iter, zero_init=True)
     with torch.no_grad():
         scores = layer(xte).softmax(1)
-    return {"acc": accuracy(scores, test_labels), "auc": roc_auc(scores, test_labels), "labels": len(y),
-            "weight_decay": best}  # fmt: skip
+    return {
+        "acc": accuracy(scores, test_labels),
+        "auc": roc_auc(scores, test_labels),
+        "labels": len(y),
+        "weight_decay": best,
+    }
 
 
 def features(backbone: nn.Module, data: ImageDataset, recipe: Recipe, batch_size: int = 1000):
@@ -414,11 +481,20 @@ def supervised_baseline(
         step += 1
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([model(eval_transform(data.test_images[i : i + 1000], recipe.mean, recipe.std))
-                            for i in range(0, len(data.test_images), 1000)])  # fmt: skip
+        logits = torch.cat(
+            [
+                model(eval_transform(data.test_images[i : i + 1000], recipe.mean, recipe.std))
+                for i in range(0, len(data.test_images), 1000)
+            ]
+        )
     scores = logits.float().softmax(1)
-    return {"acc": accuracy(scores, data.test_labels), "auc": roc_auc(scores, data.test_labels),
-            "labels": len(images), "steps": total, "seconds": time.perf_counter() - started}  # fmt: skip
+    return {
+        "acc": accuracy(scores, data.test_labels),
+        "auc": roc_auc(scores, data.test_labels),
+        "labels": len(images),
+        "steps": total,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 # ---- reporting ------------------------------------------------------------------------------
@@ -456,8 +532,10 @@ def results_table(results: dict, fractions: tuple[float, ...], reference: dict |
         lines.append(
             f"{reference['name']:34s}{pad}{reference['acc']:7.3f}{'':7s}{reference['auc']:7.3f}{'':7s}"
         )
-    counts = {f: sorted({r["labels"] for (_, g), runs in results.items() if g == f for r in runs})
-              for f in fractions}  # fmt: skip
+    counts = {
+        f: sorted({r["labels"] for (_, g), runs in results.items() if g == f for r in runs})
+        for f in fractions
+    }
     shown = ", ".join(f"{f:.0%}: {'/'.join(map(str, c))}" for f, c in counts.items())
     lines.append(f"labelled images per run: {shown}")
     return "\n".join(lines)

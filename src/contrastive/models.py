@@ -273,8 +273,14 @@ class DINOHead(nn.Module):
     `batchnorm` adds BN after the hidden layers (DINO's `use_bn_in_head`).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 512, bottleneck_dim: int = 128,
-                 batchnorm: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 512,
+        bottleneck_dim: int = 128,
+        batchnorm: bool = False,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         for dim in (in_dim, hidden_dim):
@@ -311,8 +317,10 @@ class _SplitBatchNorm:
             return super().forward(x)
         n, c, rest = x.shape[0], x.shape[1], x.shape[2:]
         if n % self.num_splits:
-            raise ValueError(f"a batch of {n} samples cannot be split into num_splits={self.num_splits} "
-                             f"equal BN groups; num_splits must divide {n}")  # fmt: skip
+            raise ValueError(
+                f"a batch of {n} samples cannot be split into num_splits={self.num_splits} "
+                f"equal BN groups; num_splits must divide {n}"
+            )
         s = self.num_splits
         # (N, C, ...) -> (N / s, s * C, ...): group g's samples become channels g*C .. g*C + C - 1, so one
         # batch_norm call computes every group's statistics.
@@ -361,9 +369,15 @@ def split_batch_norm(module: nn.Module, num_splits: int) -> nn.Module:
         cls = SplitBatchNorm2d if isinstance(module, nn.BatchNorm2d) else SplitBatchNorm1d
         like = [t for t in (module.weight, module.running_mean) if t is not None]
         place = {"device": like[0].device, "dtype": like[0].dtype} if like else {}
-        split = cls(module.num_features, num_splits, eps=module.eps, momentum=module.momentum,
-                    affine=module.affine, track_running_stats=module.track_running_stats,
-                    **place)  # fmt: skip
+        split = cls(
+            module.num_features,
+            num_splits,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+            **place,
+        )
         split.load_state_dict(module.state_dict())
         return split.train(module.training)
     for name, child in module.named_children():

@@ -8,10 +8,19 @@ import matplotlib.pyplot as plt
 
 METHOD_COLORS = {
     "random init": "#9e9e9e",
-    "instdisc": "#8c564b", "cpc": "#e377c2", "cmc": "#7f7f7f", "invaspread": "#bcbd22",
-    "moco": "#1f77b4", "simclr": "#d62728", "mocov2": "#17becf", "byol": "#2ca02c",
-    "simsiam": "#9467bd", "mocov3": "#ff7f0e", "dino": "#393b79", "clip": "#637939",
-}  # fmt: skip
+    "instdisc": "#8c564b",
+    "cpc": "#e377c2",
+    "cmc": "#7f7f7f",
+    "invaspread": "#bcbd22",
+    "moco": "#1f77b4",
+    "simclr": "#d62728",
+    "mocov2": "#17becf",
+    "byol": "#2ca02c",
+    "simsiam": "#9467bd",
+    "mocov3": "#ff7f0e",
+    "dino": "#393b79",
+    "clip": "#637939",
+}
 
 TIMELINE = [
     (2018, "InstDisc", "memory bank + NCE"),
@@ -46,8 +55,15 @@ def timeline_figure():
         ax.plot([x, x], [0, y], color=c, lw=1.5)
         ax.scatter([x], [0], color=c, zorder=3, s=40)
         label = f"{name}\n" + "\n".join(textwrap.wrap(idea, 18))
-        ax.text(x, y + (0.08 if y > 0 else -0.08), label, ha="center", va="bottom" if y > 0 else "top",
-                fontsize=8, color="black")  # fmt: skip
+        ax.text(
+            x,
+            y + (0.08 if y > 0 else -0.08),
+            label,
+            ha="center",
+            va="bottom" if y > 0 else "top",
+            fontsize=8,
+            color="black",
+        )
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xlim(2017.8, 2021.9)
     ax.set_ylim(-3.6, 3.6)
@@ -69,8 +85,9 @@ def plot_run(metrics: list[dict], summary: dict, label: str | None = None):
     ax_loss.set(xlabel="epoch", ylabel="training loss", title=f"{label}: loss")
     knn = [(m["epoch"], 100 * m["knn_top1"]) for m in metrics if "knn_top1" in m]
     ax_knn.plot(*zip(*knn), marker="o", color=color(summary["method"]), label=label)
-    ax_knn.axhline(100 * summary["knn_top1_random_init"], ls="--", color=color("random init"),
-                   label="random init")  # fmt: skip
+    ax_knn.axhline(
+        100 * summary["knn_top1_random_init"], ls="--", color=color("random init"), label="random init"
+    )
     ax_knn.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN accuracy on the test split")
     ax_knn.legend()
     fig.tight_layout()

@@ -18,13 +18,14 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
+from .augment import Recipe
 from .data import ImageDataset, load_cifar10
 from .evaluate import evaluate_backbone
 from .losses import NonFiniteInputError
-from .augment import Recipe
 from .methods import Method, build_method, check_method
 from .profiles import Profile, banner, get_profile
 from .runinfo import atomic_write_bytes, device_description, git_commit, write_json, write_jsonl
@@ -48,13 +49,19 @@ class Run:
     def report(self) -> str:
         """kNN and linear-probe top-1 against random init, and the training time, in three lines."""
         s = self.summary
-        lines = [f"kNN top-1:    trained {100 * s['knn_top1']:.1f}%   "
-                 f"random init {100 * s['knn_top1_random_init']:.1f}%"]  # fmt: skip
+        lines = [
+            f"kNN top-1:    trained {100 * s['knn_top1']:.1f}%   "
+            f"random init {100 * s['knn_top1_random_init']:.1f}%"
+        ]
         if s.get("linear_top1") is not None:
-            lines.append(f"linear probe: trained {100 * s['linear_top1']:.1f}%   "
-                         f"random init {100 * s['linear_top1_random_init']:.1f}%")  # fmt: skip
-        lines.append(f"{s['train_seconds']:.0f} s of training at {s['images_per_second']:.0f} images/s "
-                     f"on {s['device']}")  # fmt: skip
+            lines.append(
+                f"linear probe: trained {100 * s['linear_top1']:.1f}%   "
+                f"random init {100 * s['linear_top1_random_init']:.1f}%"
+            )
+        lines.append(
+            f"{s['train_seconds']:.0f} s of training at {s['images_per_second']:.0f} images/s "
+            f"on {s['device']}"
+        )
         return "\n".join(lines)
 
 
@@ -62,15 +69,21 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the run stopped, and no checkpoint holds the bad weights."""
 
 
-def _stopped(what: str, epoch: int, step: int, global_step: int, last_good: Path | None,
-             before_update: bool = True) -> NonFiniteLossError:  # fmt: skip
+def _stopped(
+    what: str, epoch: int, step: int, global_step: int, last_good: Path | None, before_update: bool = True
+) -> NonFiniteLossError:
     """The error that stops a run at a non-finite step: where it happened and which checkpoint survives."""
-    kept = (f"the last good checkpoint {last_good} is intact" if last_good
-            else "no epoch had finished, so there is no checkpoint")  # fmt: skip
+    kept = (
+        f"the last good checkpoint {last_good} is intact"
+        if last_good
+        else "no epoch had finished, so there is no checkpoint"
+    )
     when = "before the update" if before_update else "without saving the weights since"
-    return NonFiniteLossError(f"{what} at epoch {epoch}, step {step} (global step {global_step}); training "
-                              f"stopped {when} and {kept}. Lower the learning rate or check the "
-                              "inputs, then resume.")  # fmt: skip
+    return NonFiniteLossError(
+        f"{what} at epoch {epoch}, step {step} (global step {global_step}); training "
+        f"stopped {when} and {kept}. Lower the learning rate or check the "
+        "inputs, then resume."
+    )
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -120,8 +133,7 @@ def load_checkpoint(out_dir: Path, device) -> tuple[dict, Path]:
         try:
             return torch.load(path, map_location=device, weights_only=True), path
         except Exception as exc:  # a truncated or corrupt file: fall back to the previous one
-            warnings.warn(f"checkpoint {path} is unreadable ({exc}); trying the previous one",
-                          stacklevel=2)  # fmt: skip
+            warnings.warn(f"checkpoint {path} is unreadable ({exc}); trying the previous one", stacklevel=2)
     raise ValueError(f"every checkpoint in {out_dir} is unreadable: {[str(p) for p in paths]}")
 
 
@@ -139,13 +151,18 @@ def profile_data(profile: Profile, data: ImageDataset | None, device) -> ImageDa
     return data.to(device)
 
 
-
-
 # ---- building a run (shared by train, evaluate_checkpoint and bench step) -----------------------
 
 
-def build_model(method: str, profile: Profile, num_images: int, in_channels: int = 3,
-                options: dict | None = None, seed: int = 0, device=None) -> Method:  # fmt: skip
+def build_model(
+    method: str,
+    profile: Profile,
+    num_images: int,
+    in_channels: int = 3,
+    options: dict | None = None,
+    seed: int = 0,
+    device=None,
+) -> Method:
     """Method `method` on the profile's backbone, initialised from `seed`, on `device` (the
     profile's by default) in channels_last, which speeds convolutions up on CPUs (oneDNN) and GPUs."""
     torch.manual_seed(seed)
@@ -158,7 +175,9 @@ def scaled_epochs(profile: Profile, model: Method) -> Profile:
     two, to see a trend)."""
     if model.epoch_scale == 1.0:
         return profile
-    return dataclasses.replace(profile, epochs=max(min(2, profile.epochs), round(profile.epochs * model.epoch_scale)))
+    return dataclasses.replace(
+        profile, epochs=max(min(2, profile.epochs), round(profile.epochs * model.epoch_scale))
+    )
 
 
 def stored_options(options: dict | None) -> dict:
@@ -169,42 +188,68 @@ def stored_options(options: dict | None) -> dict:
     for key, value in sorted((options or {}).items()):
         if isinstance(value, Recipe):
             stored[key] = {"Recipe": dataclasses.asdict(value)}
-        elif value is None or isinstance(value, (bool, int, float, str)) or (
-            isinstance(value, (tuple, list)) and all(isinstance(v, (bool, int, float, str)) for v in value)
+        elif (
+            value is None
+            or isinstance(value, (bool, int, float, str))
+            or (
+                isinstance(value, (tuple, list))
+                and all(isinstance(v, (bool, int, float, str)) for v in value)
+            )
         ):
             stored[key] = tuple(value) if isinstance(value, list) else value
         else:
-            raise ValueError(f"option {key}={value!r} cannot be stored in a checkpoint, so a resume or eval "
-                             "could not rebuild this model: pass numbers, strings, booleans, tuples of them "
-                             "or an augment.Recipe")  # fmt: skip
+            raise ValueError(
+                f"option {key}={value!r} cannot be stored in a checkpoint, so a resume or eval "
+                "could not rebuild this model: pass numbers, strings, booleans, tuples of them "
+                "or an augment.Recipe"
+            )
     return stored
 
 
 def restored_options(stored: dict) -> dict:
     """The method options a checkpoint stored, as the method's constructor takes them."""
-    return {k: Recipe(**v["Recipe"]) if isinstance(v, dict) and "Recipe" in v else v for k, v in stored.items()}
+    return {
+        k: Recipe(**v["Recipe"]) if isinstance(v, dict) and "Recipe" in v else v for k, v in stored.items()
+    }
 
 
 def _check_resumable(ckpt: dict, path: Path, method: str, profile: Profile, seed: int, options: dict) -> None:
     """Refuse to resume a checkpoint as another method, profile, seed or with any other option."""
     if (ckpt["method"], ckpt["profile"], ckpt["seed"]) != (method, profile.name, seed):
-        raise ValueError(f"{path} is a {ckpt['method']}/{ckpt['profile']}/seed {ckpt['seed']} run; cannot "
-                         f"resume it as {method}/{profile.name}/seed {seed}")  # fmt: skip
+        raise ValueError(
+            f"{path} is a {ckpt['method']}/{ckpt['profile']}/seed {ckpt['seed']} run; cannot "
+            f"resume it as {method}/{profile.name}/seed {seed}"
+        )
     before = ckpt["method_options"]
-    changed = sorted(k for k in set(before) | set(options) if before.get(k, "default") != options.get(k, "default"))
+    changed = sorted(
+        k for k in set(before) | set(options) if before.get(k, "default") != options.get(k, "default")
+    )
     if changed:
-        detail = "; ".join(f"{k}: trained with {before.get(k, 'the default')!r}, now "
-                           f"{options.get(k, 'the default')!r}" for k in changed)  # fmt: skip
-        raise ValueError(f"cannot resume {path} with other method options ({detail}); pass the options it "
-                         "was trained with, or start a new run in another folder")  # fmt: skip
+        detail = "; ".join(
+            f"{k}: trained with {before.get(k, 'the default')!r}, now {options.get(k, 'the default')!r}"
+            for k in changed
+        )
+        raise ValueError(
+            f"cannot resume {path} with other method options ({detail}); pass the options it "
+            "was trained with, or start a new run in another folder"
+        )
 
 
 # ---- one step (shared by the loop and bench step, so the benchmark times what training runs) -----
 
 
-def train_step(model: Method, optimizer: torch.optim.Optimizer, images: torch.Tensor, indices: torch.Tensor,
-               lr: float, step: int, total_steps: int, runner=None, use_amp: bool = False,
-               check: bool = True) -> torch.Tensor:  # fmt: skip
+def train_step(
+    model: Method,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    lr: float,
+    step: int,
+    total_steps: int,
+    runner=None,
+    use_amp: bool = False,
+    check: bool = True,
+) -> torch.Tensor:
     """One optimiser step of `model` on a uint8 batch: forward (through `runner`, the DDP or compiled
     wrapper, when given), backward, update, then the method's `on_step_end`. Returns the loss, detached,
     on its device. With `check`, a NaN or infinite loss raises `NonFiniteLossError` before the update
@@ -246,11 +291,96 @@ def train(
     continues from the newest readable checkpoint in `out_dir`.
     """
     started = time.perf_counter()
-    cls = check_method(method, method_options)  # a misspelt name fails now, not after loading the data
+    profile, options = _checked(method, profile, epochs, method_options, sync_bn)
+    out = _prepare_out(out_dir, resume)
+    device = distributed.setup() or torch.device(profile.device)
+    is_main = distributed.rank() == 0
+    data = profile_data(profile, data, device)
+    if is_main:
+        log(banner(profile, data.source))
+    model = build_model(
+        method, profile, len(data.train_images), data.train_images.shape[1], method_options, seed, device
+    )
+    if epochs is None:
+        profile = scaled_epochs(profile, model)
+    if len(data.train_images) < profile.batch_size:
+        raise ValueError(
+            f"batch size {profile.batch_size} exceeds the {len(data.train_images)} training images"
+        )
+    optimizer, peak_lr = build_optimizer(model, profile)
+    state, last_good = _start_or_resume(
+        out if resume else None, model, optimizer, (method, profile, seed, options)
+    )
+    if last_good is not None and is_main:
+        log(f"resumed from {last_good} (epoch {state['epoch']} of {profile.epochs})")
+    if state["random_init"] is None:  # the baseline: the same architecture and seed, before any training
+        state["random_init"] = evaluate_backbone(
+            model.encoder, data, profile.eval_batch_size, linear=linear_probe
+        )
+        model.setup(data.train_images, data.train_labels, profile.eval_batch_size)  # a bank, captions
+    model, runner = _wrapped(model, profile, device, sync_bn)
+
+    final = None
+    try:
+        for epoch in range(state["epoch"], profile.epochs):
+            row = _run_epoch(
+                model,
+                runner,
+                optimizer,
+                data,
+                profile,
+                peak_lr,
+                state,
+                seed,
+                method,
+                last_good,
+                show_progress=is_main and _progress_enabled(progress),
+            )
+            if epoch + 1 == profile.epochs:  # the protocol reads the final epoch, never the best one
+                final = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=linear_probe)
+                row["knn_top1"] = final["knn_top1"]
+            elif (epoch + 1) % profile.knn_every == 0:
+                row["knn_top1"] = evaluate_backbone(model.encoder, data, profile.eval_batch_size)["knn_top1"]
+            row.update(model.epoch_metrics())
+            state["metrics"].append(row)
+            if is_main:
+                knn = f"  kNN {100 * row['knn_top1']:.1f}%" if "knn_top1" in row else ""
+                log(
+                    f"epoch {epoch + 1}/{profile.epochs}  loss {row['loss']:.4f}  lr {row['lr']:.3f}  "
+                    f"{row['images_per_second']:.0f} img/s{knn}"
+                )
+                if out is not None:
+                    last_good = _save_checkpoint(out, model, optimizer, state, method, profile, seed, options)
+                    write_jsonl(out / "metrics.jsonl", state["metrics"])
+    except KeyboardInterrupt:
+        if is_main and out is not None:
+            where = f"the checkpoint {last_good}" if last_good else "no checkpoint yet (no epoch finished)"
+            log(
+                f"interrupted during epoch {state['epoch'] + 1}; {where} holds the run: call train(..., "
+                "resume=True) or pass --resume to continue it"
+            )
+        raise
+
+    if final is None:  # a finished run was resumed: nothing left to train
+        final = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=linear_probe)
+    summary = _summary(method, options, profile, seed, final, state, data, peak_lr, device, started)
+    if is_main and out is not None:
+        write_json(out / "summary.json", summary)
+    return Run(summary, state["metrics"], model, data)
+
+
+def _checked(
+    method: str, profile, epochs: int | None, method_options: dict | None, sync_bn: bool
+) -> tuple[Profile, dict]:
+    """The profile (with `epochs` applied) and the options as stored; refuses, before any data is
+    loaded, an unknown method or option, an option a checkpoint cannot store, or a bad `sync_bn`."""
+    cls = check_method(method, method_options)
     options = stored_options(method_options)
     if sync_bn and not cls.sync_bn_allowed:
-        raise ValueError(f"sync_bn would undo {method}'s BatchNorm design (MoCo's shuffled BN: its statistics "
-                         "must not span a query's own key)")  # fmt: skip
+        raise ValueError(
+            f"sync_bn would undo {method}'s BatchNorm design (MoCo's shuffled BN: its statistics "
+            "must not span a query's own key)"
+        )
     if sync_bn and not torch.cuda.is_available():
         raise ValueError("sync_bn needs CUDA devices: torch's SyncBatchNorm does not run on CPUs")
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
@@ -258,83 +388,41 @@ def train(
         if not epochs >= 1:
             raise ValueError(f"epochs must be at least 1, got {epochs}")
         profile = dataclasses.replace(profile, epochs=epochs)
-    out = _prepare_out(out_dir, resume)
-    device = distributed.setup() or torch.device(profile.device)
-    is_main, world = distributed.rank() == 0, distributed.world_size()
+    return profile, options
 
-    data = profile_data(profile, data, device)
-    if is_main:
-        log(banner(profile, data.source))
-    model = build_model(method, profile, len(data.train_images), data.train_images.shape[1], method_options,
-                        seed, device)  # fmt: skip
-    if epochs is None:
-        profile = scaled_epochs(profile, model)
-    optimizer, peak_lr = build_optimizer(model, profile)
 
+def _start_or_resume(out: Path | None, model: Method, optimizer, identity: tuple) -> tuple[dict, Path | None]:
+    """A fresh run's state, or the state of the newest readable checkpoint in `out` with the model,
+    optimiser and random generators restored; `identity` is (method, profile, seed, options)."""
     state = {"epoch": 0, "step": 0, "metrics": [], "random_init": None, "train_seconds": 0.0}
-    last_good = None
-    if resume:
-        ckpt, last_good = load_checkpoint(out, device)
-        _check_resumable(ckpt, last_good, method, profile, seed, options)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng_cpu"].cpu())
-        if device.type == "cuda" and ckpt["rng_cuda"] is not None:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
-        state = {k: ckpt[k] for k in state}
-        if is_main:
-            log(f"resumed from {last_good} (epoch {state['epoch']} of {profile.epochs})")
-    if state["random_init"] is None:
-        # The baseline: the same architecture, same seed, before any training.
-        state["random_init"] = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=linear_probe)
-        model.setup(data.train_images, data.train_labels, profile.eval_batch_size)  # a bank, captions
+    if out is None:
+        return state, None
+    device = next(model.parameters()).device
+    ckpt, path = load_checkpoint(out, device)
+    _check_resumable(ckpt, path, *identity)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng_cpu"].cpu())
+    if device.type == "cuda" and ckpt["rng_cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
+    return {k: ckpt[k] for k in state}, path
 
+
+def _wrapped(
+    model: Method, profile: Profile, device: torch.device, sync_bn: bool
+) -> tuple[Method, nn.Module]:
+    """The model (with SyncBatchNorm under `sync_bn`) and what runs its steps: DistributedDataParallel
+    under torchrun, compiled when the profile asks for it on CUDA."""
     runner = model
-    if world > 1 and sync_bn:  # BN statistics over the global batch, as SimCLR's large-batch runs
-        model = runner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if world > 1:
+    if distributed.world_size() > 1:
+        if sync_bn:  # BN statistics over the global batch, as SimCLR's large-batch runs
+            model = runner = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         runner = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None
         )
     if profile.compile and device.type == "cuda":
         runner = torch.compile(runner)
-
-    if len(data.train_images) < profile.batch_size:
-        raise ValueError(f"batch size {profile.batch_size} exceeds the {len(data.train_images)} training images")
-    final = None
-    try:
-        for epoch in range(state["epoch"], profile.epochs):
-            row = _run_epoch(model, runner, optimizer, data, profile, peak_lr, state, epoch, seed, method,
-                             last_good, show_progress=is_main and _progress_enabled(progress))  # fmt: skip
-            if epoch + 1 == profile.epochs:  # the protocol reads the final epoch, never the best one
-                final = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=linear_probe)
-                row["knn_top1"] = final["knn_top1"]
-            elif (epoch + 1) % profile.knn_every == 0:
-                row["knn_top1"] = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=False)[
-                    "knn_top1"
-                ]
-            row.update(model.epoch_metrics())
-            state["metrics"].append(row)
-            if is_main:
-                knn = f"  kNN {100 * row['knn_top1']:.1f}%" if "knn_top1" in row else ""
-                log(f"epoch {epoch + 1}/{profile.epochs}  loss {row['loss']:.4f}  lr {row['lr']:.3f}  "
-                    f"{row['images_per_second']:.0f} img/s{knn}")  # fmt: skip
-                if out is not None:
-                    last_good = _save_checkpoint(out, model, optimizer, state, method, profile, seed, device, options)
-                    write_jsonl(out / "metrics.jsonl", state["metrics"])
-    except KeyboardInterrupt:
-        if is_main and out is not None:
-            where = f"the checkpoint {last_good}" if last_good else "no checkpoint yet (no epoch finished)"
-            log(f"interrupted during epoch {state['epoch'] + 1}; {where} holds the run: call train(..., "
-                "resume=True) or pass --resume to continue it")  # fmt: skip
-        raise
-
-    if final is None:  # a finished run was resumed: nothing left to train
-        final = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=linear_probe)
-    summary = _summary(method, options, profile, seed, final, state, data, peak_lr, device, world, started)
-    if is_main and out is not None:
-        write_json(out / "summary.json", summary)
-    return Run(summary, state["metrics"], model, data)
+    return model, runner
 
 
 def _prepare_out(out_dir, resume: bool) -> Path | None:
@@ -345,22 +433,35 @@ def _prepare_out(out_dir, resume: bool) -> Path | None:
         return None
     out = Path(out_dir)
     if checkpoint_paths(out) and not resume:
-        raise FileExistsError(f"{out} already holds a run: pass resume=True (--resume) to continue it, or "
-                              "choose another output folder")  # fmt: skip
+        raise FileExistsError(
+            f"{out} already holds a run: pass resume=True (--resume) to continue it, or "
+            "choose another output folder"
+        )
     if resume and not checkpoint_paths(out):
         raise FileNotFoundError(f"nothing to resume: no checkpoint in {out}")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def _run_epoch(model: Method, runner, optimizer, data: ImageDataset, profile: Profile, peak_lr: float,
-               state: dict, epoch: int, seed: int, method: str, last_good: Path | None,
-               show_progress: bool) -> dict:  # fmt: skip
+def _run_epoch(
+    model: Method,
+    runner,
+    optimizer,
+    data: ImageDataset,
+    profile: Profile,
+    peak_lr: float,
+    state: dict,
+    seed: int,
+    method: str,
+    last_good: Path | None,
+    show_progress: bool,
+) -> dict:
     """One pass over the training images; returns the epoch's row of metrics (loss, lr, speed).
 
     The loss and its finiteness stay on the device: a GPU is waited for only every
     `CHECK_EVERY_CUDA` steps, and the error still names the first bad step.
     """
+    epoch = state["epoch"]
     device, n, batch = data.train_images.device, len(data.train_images), profile.batch_size
     rank, world = distributed.rank(), distributed.world_size()
     steps_per_epoch = n // batch
@@ -375,64 +476,116 @@ def _run_epoch(model: Method, runner, optimizer, data: ImageDataset, profile: Pr
     t0 = time.perf_counter()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)  # the first non-finite step, if any
-    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{profile.epochs}", leave=False,
-               disable=not show_progress, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        range(steps_per_epoch),
+        desc=f"epoch {epoch + 1}/{profile.epochs}",
+        leave=False,
+        disable=not show_progress,
+        dynamic_ncols=True,
+    )
     for i in bar:
         idx = order[i * batch : (i + 1) * batch][rank::world]
         lr = lr_at(state["step"], total_steps, warmup_steps, peak_lr)
         check = (i + 1) % check_every == 0 or i + 1 == steps_per_epoch
         try:
-            loss = train_step(model, optimizer, data.train_images[idx], idx, lr, state["step"], total_steps,
-                              runner, use_amp, check=check_every == 1)  # fmt: skip
+            loss = train_step(
+                model,
+                optimizer,
+                data.train_images[idx],
+                idx,
+                lr,
+                state["step"],
+                total_steps,
+                runner,
+                use_amp,
+                check=check_every == 1,
+            )
         except NonFiniteLossError as exc:
             raise _stopped(f"the {method} {exc}", epoch + 1, i + 1, state["step"] + 1, last_good) from exc
         except NonFiniteInputError as exc:  # the embeddings, not only the loss, went NaN or infinite
-            raise _stopped(f"the {method} loss got non-finite input ({exc})", epoch + 1, i + 1,
-                           state["step"] + 1, last_good) from exc  # fmt: skip
+            raise _stopped(
+                f"the {method} loss got non-finite input ({exc})",
+                epoch + 1,
+                i + 1,
+                state["step"] + 1,
+                last_good,
+            ) from exc
         if check_every > 1:
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), state["step"], first_bad)
         state["step"] += 1
         loss_sum += loss.double()
         if check and check_every > 1 and (bad := int(first_bad)) >= 0:
             step_in_epoch = bad - (state["step"] - (i + 1)) + 1
-            raise _stopped(f"the {method} loss became non-finite", epoch + 1, step_in_epoch, bad + 1, last_good,
-                           before_update=False)  # fmt: skip
+            raise _stopped(
+                f"the {method} loss became non-finite",
+                epoch + 1,
+                step_in_epoch,
+                bad + 1,
+                last_good,
+                before_update=False,
+            )
         if check:
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{(i + 1) * batch / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}", img_s=f"{(i + 1) * batch / (time.perf_counter() - t0):.0f}"
+            )
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     state["train_seconds"] += seconds
     state["epoch"] = epoch + 1
-    return {"epoch": epoch + 1, "loss": loss_sum.item() / steps_per_epoch, "lr": lr, "seconds": seconds,
-            "images_per_second": steps_per_epoch * batch / seconds}  # fmt: skip
+    return {
+        "epoch": epoch + 1,
+        "loss": loss_sum.item() / steps_per_epoch,
+        "lr": lr,
+        "seconds": seconds,
+        "images_per_second": steps_per_epoch * batch / seconds,
+    }
 
 
-def _summary(method, options, profile, seed, final, state, data, peak_lr, device, world, started) -> dict:
+def _summary(method, options, profile, seed, final, state, data, peak_lr, device, started) -> dict:
     """What summary.json records: the protocol's numbers beside the random init, time, and where it ran."""
     n, batch = len(data.train_images), profile.batch_size
     return {
-        "method": method, "method_options": options, "profile": profile.name, "epochs": profile.epochs,
-        "seed": seed, "knn_top1": final["knn_top1"], "knn_top1_random_init": state["random_init"]["knn_top1"],
+        "method": method,
+        "method_options": options,
+        "profile": profile.name,
+        "epochs": profile.epochs,
+        "seed": seed,
+        "knn_top1": final["knn_top1"],
+        "knn_top1_random_init": state["random_init"]["knn_top1"],
         "linear_top1": final.get("linear_top1"),
         "linear_top1_random_init": state["random_init"].get("linear_top1"),
-        "train_images": n, "test_images": len(data.test_images), "batch_size": batch, "lr": peak_lr,
-        "seconds": time.perf_counter() - started, "train_seconds": state["train_seconds"],
+        "train_images": n,
+        "test_images": len(data.test_images),
+        "batch_size": batch,
+        "lr": peak_lr,
+        "seconds": time.perf_counter() - started,
+        "train_seconds": state["train_seconds"],
         "images_per_second": state["step"] * batch / max(state["train_seconds"], 1e-9),
-        "device": device_description(device), "world_size": world, "torch": torch.__version__,
-        "python": sys.version.split()[0], "commit": git_commit(), "data": data.source,
-    }  # fmt: skip
+        "device": device_description(device),
+        "world_size": distributed.world_size(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "commit": git_commit(),
+        "data": data.source,
+    }
 
 
-def _save_checkpoint(out, model, optimizer, state, method, profile, seed, device, options) -> Path:
+def _save_checkpoint(out, model, optimizer, state, method, profile, seed, options) -> Path:
+    device = next(model.parameters()).device
     ckpt = {
-        "method": method, "profile": profile.name, "seed": seed, "method_options": options,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "method": method,
+        "profile": profile.name,
+        "seed": seed,
+        "method_options": options,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "profile_fields": dataclasses.asdict(profile), **state,
-    }  # fmt: skip
+        "profile_fields": dataclasses.asdict(profile),
+        **state,
+    }
     path = out / f"checkpoint_{state['epoch']:04d}.pt"
     atomic_write_bytes(path, lambda fh: torch.save(ckpt, fh))
     for old in checkpoint_paths(out)[CHECKPOINTS_KEPT:]:
@@ -440,16 +593,29 @@ def _save_checkpoint(out, model, optimizer, state, method, profile, seed, device
     return path
 
 
-def evaluate_checkpoint(out_dir: str | os.PathLike, data: ImageDataset | None = None,
-                        linear_probe: bool = True) -> dict:  # fmt: skip
+def evaluate_checkpoint(
+    out_dir: str | os.PathLike, data: ImageDataset | None = None, linear_probe: bool = True
+) -> dict:
     """Re-evaluate the newest readable checkpoint of a run with the common protocol."""
     ckpt, path = load_checkpoint(Path(out_dir), "cpu")
     profile = Profile(**ckpt["profile_fields"])
     device = torch.device(profile.device)
     data = profile_data(profile, data, device)
-    model = build_model(ckpt["method"], profile, len(data.train_images), data.train_images.shape[1],
-                        restored_options(ckpt["method_options"]), ckpt["seed"], device)  # fmt: skip
+    model = build_model(
+        ckpt["method"],
+        profile,
+        len(data.train_images),
+        data.train_images.shape[1],
+        restored_options(ckpt["method_options"]),
+        ckpt["seed"],
+        device,
+    )
     model.load_state_dict(ckpt["model"])
     result = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=linear_probe)
-    return {"checkpoint": str(path), "method": ckpt["method"], "profile": profile.name,
-            "epoch": ckpt["epoch"], **result}  # fmt: skip
+    return {
+        "checkpoint": str(path),
+        "method": ckpt["method"],
+        "profile": profile.name,
+        "epoch": ckpt["epoch"],
+        **result,
+    }

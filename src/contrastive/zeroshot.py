@@ -45,8 +45,10 @@ def zero_shot_accuracy(
     {"templates": {template: top1}, "ensemble": top1}.
     """
     if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"need as many labels as images, and at least one; got {len(images)} images "
-                         f"and {len(labels)} labels")  # fmt: skip
+        raise ValueError(
+            f"need as many labels as images, and at least one; got {len(images)} images "
+            f"and {len(labels)} labels"
+        )
     if not templates or any("{}" not in t for t in templates):
         raise ValueError(f"every template needs a '{{}}' where the class name goes; got {list(templates)}")
     image_emb = method.encode_image(images, batch_size)
@@ -74,8 +76,10 @@ def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequen
     {"image_to_text": {k: recall}, "text_to_image": {k: recall}}.
     """
     if image_emb.dim() != 2 or image_emb.shape != text_emb.shape or len(image_emb) == 0:
-        raise ValueError(f"image_emb and text_emb must be the same non-empty (N, D), got "
-                         f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")  # fmt: skip
+        raise ValueError(
+            f"image_emb and text_emb must be the same non-empty (N, D), got "
+            f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
+        )
     sims = F.normalize(image_emb.float(), dim=1) @ F.normalize(text_emb.float(), dim=1).T
     positive = sims.diagonal()
     others = ~torch.eye(len(sims), dtype=torch.bool, device=sims.device)

@@ -49,8 +49,10 @@ def check_method(name: str, options: dict | None = None) -> type[Method]:
     accepted = method_options(name)
     unknown = sorted(set(options or {}) - set(accepted))
     if unknown:
-        raise ValueError(f"{name} has no option {', '.join(map(repr, unknown))}; "
-                         f"its options are {', '.join(sorted(accepted)) or 'none'}")  # fmt: skip
+        raise ValueError(
+            f"{name} has no option {', '.join(map(repr, unknown))}; "
+            f"its options are {', '.join(sorted(accepted)) or 'none'}"
+        )
     return METHODS[name]
 
 
@@ -60,8 +62,10 @@ def build_method(
     """Method `name` built on the backbone called `backbone`, for `num_images` training images of
     `in_channels` channels (per-image state: a memory bank, captions); `options` go to its constructor."""
     if not isinstance(backbone, str):
-        raise TypeError(f"backbone is the backbone's name, one of contrastive.models.BACKBONES, got "
-                        f"{type(backbone).__name__}; the method builds its own encoders")  # fmt: skip
+        raise TypeError(
+            f"backbone is the backbone's name, one of contrastive.models.BACKBONES, got "
+            f"{type(backbone).__name__}; the method builds its own encoders"
+        )
     return check_method(name, options)(Spec(backbone, num_images, in_channels), **options)
 
 

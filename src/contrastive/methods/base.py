@@ -104,7 +104,9 @@ class Method(nn.Module):
         if not logged:
             return {}
         names = list(logged)
-        device = next((v.device for rows in logged.values() for v in rows if isinstance(v, torch.Tensor)), "cpu")
+        device = next(
+            (v.device for rows in logged.values() for v in rows if isinstance(v, torch.Tensor)), "cpu"
+        )
         values = torch.stack([torch.as_tensor(v, device=device).float() for n in names for v in logged[n]])
         flat = values.double().tolist()  # the one transfer
         out, start = {}, 0

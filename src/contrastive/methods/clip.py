@@ -64,20 +64,25 @@ class CLIP(Method):
     ):
         super().__init__()
         if not (init_temperature > 0 and 1 < 1 / init_temperature <= max_logit_scale):
-            raise ValueError(f"1/init_temperature must be above 1 and at most max_logit_scale "
-                             f"{max_logit_scale}; got init_temperature {init_temperature}")  # fmt: skip
+            raise ValueError(
+                f"1/init_temperature must be above 1 and at most max_logit_scale "
+                f"{max_logit_scale}; got init_temperature {init_temperature}"
+            )
         if captions_per_image < 1:
             raise ValueError(f"captions_per_image must be at least 1, got {captions_per_image}")
         self.backbone = spec.build_backbone()
         self.image_projection = nn.Linear(self.backbone.out_dim, embed_dim, bias=False)
-        self.text_encoder = TextEncoder(vocab_size, context_length, text_dim, text_depth, text_heads,
-                                        out_dim=embed_dim)  # fmt: skip
+        self.text_encoder = TextEncoder(
+            vocab_size, context_length, text_dim, text_depth, text_heads, out_dim=embed_dim
+        )
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
         self.register_buffer("log_scale_cap", torch.tensor(math.log(max_logit_scale)))
         self.caption_seed, self.classes, self.recipe = caption_seed, tuple(classes), recipe
         # Fixed shapes, filled by setup: they must exist before load_state_dict on a resume.
-        self.register_buffer("caption_tokens", torch.zeros(spec.num_images, captions_per_image, context_length,
-                                                           dtype=torch.int32))  # fmt: skip
+        self.register_buffer(
+            "caption_tokens",
+            torch.zeros(spec.num_images, captions_per_image, context_length, dtype=torch.int32),
+        )
         self.register_buffer("vocabulary", torch.zeros(vocab_size, 24, dtype=torch.uint8))
 
     @torch.no_grad()
@@ -85,11 +90,14 @@ class CLIP(Method):
         """Write the captions of every training image, build the tokenizer, store both as buffers."""
         n, k, length = self.caption_tokens.shape
         if len(train_images) != n or len(train_labels) != n:
-            raise ValueError(f"this CLIP was built for {n} training images, got {len(train_images)} images "
-                             f"and {len(train_labels)} labels")  # fmt: skip
+            raise ValueError(
+                f"this CLIP was built for {n} training images, got {len(train_images)} images "
+                f"and {len(train_labels)} labels"
+            )
         generator = torch.Generator().manual_seed(self.caption_seed)
-        captions = generate_captions(train_images, train_labels, self.classes, k, generator,
-                                     batch_size=batch_size)  # fmt: skip
+        captions = generate_captions(
+            train_images, train_labels, self.classes, k, generator, batch_size=batch_size
+        )
         flat = [caption for per_image in captions for caption in per_image]
         tokenizer = Tokenizer.build(flat, max_size=len(self.vocabulary))
         self.vocabulary.copy_(tokenizer.to_tensor(*self.vocabulary.shape))
@@ -99,8 +107,10 @@ class CLIP(Method):
     def tokenizer(self) -> Tokenizer:
         """The tokenizer `setup` built, read back from the `vocabulary` buffer."""
         if not self.vocabulary.any():
-            raise RuntimeError("CLIP has no vocabulary yet: call setup(train_images, train_labels) or load a "
-                               "trained state_dict first")  # fmt: skip
+            raise RuntimeError(
+                "CLIP has no vocabulary yet: call setup(train_images, train_labels) or load a "
+                "trained state_dict first"
+            )
         return Tokenizer.from_tensor(self.vocabulary)
 
     def logit_scale(self) -> torch.Tensor:

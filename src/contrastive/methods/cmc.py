@@ -30,6 +30,7 @@ from ..losses import multiview_info_nce
 from ..models import embedding_head
 from .base import Method, Spec
 
+
 def split_lab(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised RGB (B, 3, H, W) with CIFAR-10 statistics -> (L, ab), each scaled to about [-1, 1]."""
     mean = torch.tensor(CIFAR10_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -70,8 +71,9 @@ class CMC(Method):
             raise ValueError(f"views must be 'lab' (CMC) or 'rgb' (one encoder, two crops), got {views!r}")
         self.views, self.temperature, self.recipe = views, temperature, recipe
         if views == "lab":  # two half-width encoders, one on L, one on ab
-            self.encoder = LabEncoder(spec.build_backbone(in_channels=1, width=0.5),
-                                      spec.build_backbone(in_channels=2, width=0.5))  # fmt: skip
+            self.encoder = LabEncoder(
+                spec.build_backbone(in_channels=1, width=0.5), spec.build_backbone(in_channels=2, width=0.5)
+            )
             nets = (self.encoder.l_net, self.encoder.ab_net)
             self.heads = nn.ModuleList([embedding_head(net.out_dim, feature_dim) for net in nets])
         else:
@@ -99,5 +101,7 @@ class CMC(Method):
         """Top-1 of picking the partner view among the batch (v1 -> v2), and the bound log K - L per
         direction."""
         sims = F.normalize(z1.float(), dim=1) @ F.normalize(z2.float(), dim=1).T
-        self.log("view_accuracy", (sims.argmax(1) == torch.arange(len(sims), device=sims.device)).float().mean())
+        self.log(
+            "view_accuracy", (sims.argmax(1) == torch.arange(len(sims), device=sims.device)).float().mean()
+        )
         self.log("mi_bound", math.log(len(sims)) - loss.detach().float() / 2)

@@ -53,22 +53,28 @@ class DINO(Method):
         local_recipe: Recipe = DINO_LOCAL,
     ):
         super().__init__()
-        for name, value, least in (("out_dim (K, the number of outputs)", out_dim, 2),
-                                   ("local_crops", local_crops, 0)):  # fmt: skip
+        for name, value, least in (
+            ("out_dim (K, the number of outputs)", out_dim, 2),
+            ("local_crops", local_crops, 0),
+        ):
             if not (isinstance(value, int) and value >= least):
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         if not (student_temp > 0 and teacher_temp > 0):
-            raise ValueError(f"temperatures must be positive, got student_temp={student_temp}, "
-                             f"teacher_temp={teacher_temp}")  # fmt: skip
+            raise ValueError(
+                f"temperatures must be positive, got student_temp={student_temp}, teacher_temp={teacher_temp}"
+            )
         if sharpening and not teacher_temp < student_temp:
-            raise ValueError(f"sharpening=True needs teacher_temp below student_temp, got {teacher_temp} >= "
-                             f"{student_temp}; sharpening=False puts the teacher at the student's "
-                             "temperature")  # fmt: skip
+            raise ValueError(
+                f"sharpening=True needs teacher_temp below student_temp, got {teacher_temp} >= "
+                f"{student_temp}; sharpening=False puts the teacher at the student's "
+                "temperature"
+            )
         check_momentum("center_momentum", center_momentum)
         check_momentum("tau_base", tau_base)
         if vit is not None and vit not in VITS:
-            raise ValueError(f"vit must name a ViT, one of {VITS}, or be None for the profile's backbone; "
-                             f"got {vit!r}")  # fmt: skip
+            raise ValueError(
+                f"vit must name a ViT, one of {VITS}, or be None for the profile's backbone; got {vit!r}"
+            )
         self.encoder = spec.build_backbone(vit)
         # ConvNet features are non-negative and start in a narrow cone: every image gets nearly the same
         # logits, the centered teacher is then almost uniform and stays so (H(P_t) 6.4 of log K = 6.9 after
@@ -97,8 +103,9 @@ class DINO(Method):
         teacher = teacher_logits.chunk(2)
         center = self.center if self.centering else torch.zeros_like(self.center)
         pairs = [(i, j) for i in range(2) for j in range(len(student)) if j != i]
-        loss = sum(dino_loss(student[j], teacher[i], center, self.student_temp, self.teacher_temp)
-                   for i, j in pairs) / len(pairs)  # fmt: skip
+        loss = sum(
+            dino_loss(student[j], teacher[i], center, self.student_temp, self.teacher_temp) for i, j in pairs
+        ) / len(pairs)
         self.log_teacher(teacher_logits, center, loss)
         self._teacher_logits = concat_all_gather(teacher_logits.float())  # for the centre's update
         return loss

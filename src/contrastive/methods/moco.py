@@ -194,6 +194,13 @@ class MoCoV2(MoCo):
         recipe: Recipe = MOCOV2_CIFAR,
     ):
         super().__init__(
-            spec, queue_size=queue_size, momentum=momentum, temperature=temperature, feature_dim=feature_dim,
-            mlp_head=mlp_head, shuffle_bn=shuffle_bn, bn_splits=bn_splits, recipe=recipe,
+            spec,
+            queue_size=queue_size,
+            momentum=momentum,
+            temperature=temperature,
+            feature_dim=feature_dim,
+            mlp_head=mlp_head,
+            shuffle_bn=shuffle_bn,
+            bn_splits=bn_splits,
+            recipe=recipe,
         )

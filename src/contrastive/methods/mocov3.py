@@ -58,8 +58,10 @@ class MoCoV3(Method):
         super().__init__()
         name = vit or VIT_FOR_BACKBONE.get(spec.backbone, spec.backbone)
         if name not in VITS:
-            raise ValueError(f"MoCo v3 needs a ViT: vit must be one of {VITS} (or None for the profile's "
-                             f"size, {VIT_FOR_BACKBONE}); got {name!r}")  # fmt: skip
+            raise ValueError(
+                f"MoCo v3 needs a ViT: vit must be one of {VITS} (or None for the profile's "
+                f"size, {VIT_FOR_BACKBONE}); got {name!r}"
+            )
         if not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         check_momentum("tau_base", tau_base, "0 copies the base encoder, 1 freezes the momentum encoder")
@@ -69,8 +71,9 @@ class MoCoV3(Method):
         if frozen_patch:
             self.encoder.freeze_patch_projection()
         # The paper's heads (4096 hidden, 256 out) at this book's SimCLR width; BN in every layer.
-        self.projector = projection_mlp(self.encoder.out_dim, proj_hidden_dim, proj_dim, num_layers=3,
-                                        last_bn=True)  # fmt: skip
+        self.projector = projection_mlp(
+            self.encoder.out_dim, proj_hidden_dim, proj_dim, num_layers=3, last_bn=True
+        )
         self.predictor = projection_mlp(proj_dim, proj_hidden_dim, proj_dim, num_layers=2)
         self.momentum_encoder = momentum_copy(self.encoder, self.projector)
         self.frozen_patch, self.temperature, self.tau_base = frozen_patch, temperature, tau_base
@@ -85,7 +88,9 @@ class MoCoV3(Method):
         if not tokens.requires_grad:  # a frozen projection's output: make it a leaf that receives a gradient
             tokens = tokens.detach().requires_grad_()
         # Each rank's loss is the global batch's, so its gradient here is world_size times its share.
-        tokens.register_hook(lambda g: self.log("token_grad_norm", g.float().norm() / world_size(), every_step=True))
+        tokens.register_hook(
+            lambda g: self.log("token_grad_norm", g.float().norm() / world_size(), every_step=True)
+        )
         return tokens
 
     def loss(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -117,7 +122,9 @@ class MoCoV3(Method):
             self.log("patch_grad_norm", grad.float().norm(), every_step=True)
         m = cosine_momentum(step, total_steps, self.tau_base)
         self.momentum.fill_(m)
-        ema_update(self.momentum_encoder.parameters(), [*self.encoder.parameters(), *self.projector.parameters()], m)
+        ema_update(
+            self.momentum_encoder.parameters(), [*self.encoder.parameters(), *self.projector.parameters()], m
+        )
 
     def epoch_metrics(self) -> dict:
         """Per step: `step_loss`, `token_grad_norm` and (trained projection only) `patch_grad_norm`;

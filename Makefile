@@ -49,9 +49,11 @@ test-fast: $(STAMP)
 execute: $(STAMP)
 	CONTRASTIVE_PROGRESS=0 $(BIN)/python scripts/execute_notebooks.py $(if $(PROFILE),--profile $(PROFILE),) book/*.ipynb
 
+## Lint and formatting (ruff); CI runs it before the tests.
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff
 	$(BIN)/ruff check src tests scripts benchmarks
+	$(BIN)/ruff format --check src tests scripts benchmarks
 
 bench: $(STAMP)
 	$(BIN)/python -m contrastive bench augment

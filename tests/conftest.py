@@ -5,6 +5,26 @@ import contrastive.train as train_module
 from contrastive.data import ImageDataset
 from contrastive.profiles import get_profile
 
+# Keyword arguments that keep a test's training run quiet and short: no progress bar, no log, no probe.
+QUIET = dict(progress=False, log=lambda *_: None, linear_probe=False)
+
+
+def random_views(n: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two batches of n float "views" (N(0, 1) pixels), as a method's loss takes them after augmentation."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=gen), torch.randn(n, 3, 32, 32, generator=gen)
+
+
+def random_images(n: int = 8, seed: int = 5) -> torch.Tensor:
+    """n uint8 images of CIFAR's shape, as a training step takes them."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
+
+
+def step_on(model, images: torch.Tensor) -> torch.Tensor:
+    """A method's training step on `images`, with their dataset indices 0 .. n-1."""
+    return model(images, torch.arange(len(images)))
+
 
 @pytest.fixture
 def tiny_data() -> ImageDataset:

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUIET, random_images, random_views, step_on
 
 from contrastive.evaluate import output_std
 from contrastive.losses import negative_cosine
@@ -20,21 +21,6 @@ from contrastive.train import train
 def _method(name, seed=0, **options):
     torch.manual_seed(seed)
     return build_method(name, "convnet_tiny", 0, **options)
-
-
-def _views(n=8, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=gen), torch.randn(n, 3, 32, 32, generator=gen)
-
-
-def _images(n=8, seed=5):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
-
-
-def _step(model, images):
-    """The training step on `images`; their dataset indices, which BYOL and SimSiam do not use."""
-    return model(images, torch.arange(len(images)))
 
 
 def _batchnorms(module):
@@ -110,7 +96,7 @@ def test_with_the_stop_gradient_the_target_branch_passes_no_gradient_to_z():
 @pytest.mark.parametrize("stop_gradient", [True, False])
 def test_simsiam_parameter_gradients_match_the_loss_with_explicitly_detached_targets(stop_gradient):
     model = _method("simsiam", stop_gradient=stop_gradient)
-    x1, x2 = _views()
+    x1, x2 = random_views()
     model.loss(x1, x2).backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -160,7 +146,7 @@ def test_simsiam_heads_follow_the_paper():
 def test_byol_loss_is_the_mean_negative_cosine_of_both_view_orders_against_the_target():
     model = _method("byol")
     _perturb_online(model)  # so that target and online networks differ
-    x1, x2 = _views()
+    x1, x2 = random_views()
     loss = model.loss(x1, x2)
     with torch.no_grad():
         q1, q2 = (model.predictor(model.projector(model.backbone(x))) for x in (x1, x2))
@@ -182,7 +168,7 @@ def test_byol_target_is_a_copy_of_backbone_and_projector_that_gets_no_gradient()
     target_before = [p.clone() for p in model.target.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(target_before, online))  # starts as an exact copy
     assert not any(p.requires_grad for p in model.target.parameters())
-    _step(model, _images()).backward()
+    step_on(model, random_images()).backward()
     assert all(p.grad is None for p in model.target.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in online)
     optimizer.step()  # weight decay and momentum included: a parameter without gradient is skipped
@@ -238,7 +224,7 @@ def test_batchnorm_false_removes_every_batchnorm_from_projector_and_predictor_on
     # the hidden layers get the bias BN's shift provided
     hidden = [m for m in without.projector if isinstance(m, torch.nn.Linear)][0]
     assert hidden.bias is not None
-    assert torch.isfinite(_step(without, _images()))
+    assert torch.isfinite(step_on(without, random_images()))
     with pytest.raises(ValueError, match="last_bn=True asks for a BatchNorm that batchnorm=False removes"):
         projection_mlp(8, 16, 4, last_bn=True, batchnorm=False)
 
@@ -267,7 +253,7 @@ def test_state_dict_round_trip_reproduces_the_next_step_loss(name):
     model = _method(name)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for step in range(2):
-        _step(model, _images(seed=step)).backward()
+        step_on(model, random_images(seed=step)).backward()
         optimizer.step()
         optimizer.zero_grad()
         model.on_step_end(step, 10)
@@ -277,7 +263,7 @@ def test_state_dict_round_trip_reproduces_the_next_step_loss(name):
     losses = []
     for m in (model, restored, stranger):
         torch.manual_seed(3)  # the views
-        losses.append(_step(m, _images(seed=9)).item())
+        losses.append(step_on(m, random_images(seed=9)).item())
     assert losses[0] == losses[1] and losses[0] != losses[2]
     if name == "byol":
         assert any(k.startswith("target.") for k in state) and "momentum" in state
@@ -286,13 +272,13 @@ def test_state_dict_round_trip_reproduces_the_next_step_loss(name):
         partial = _method(name, seed=7)
         partial.load_state_dict({k: v for k, v in state.items() if not k.startswith("target.")}, strict=False)
         torch.manual_seed(3)
-        assert _step(partial, _images(seed=9)).item() != losses[0]
+        assert step_on(partial, random_images(seed=9)).item() != losses[0]
 
 
 @pytest.mark.parametrize("name", ["byol", "simsiam"])
 def test_output_std_is_the_per_dimension_std_of_the_normalised_projections(name):
     model = _method(name)
-    x1, x2 = _views()
+    x1, x2 = random_views()
     model.loss(x1, x2)
     with torch.no_grad():
         z1, z2 = (F.normalize(model.projector(model.backbone(x)), dim=1) for x in (x1, x2))
@@ -303,7 +289,7 @@ def test_output_std_is_the_per_dimension_std_of_the_normalised_projections(name)
 
 def test_simsiam_prediction_std_is_the_per_dimension_std_of_the_normalised_predictions():
     model = _method("simsiam")
-    x1, x2 = _views()
+    x1, x2 = random_views()
     model.loss(x1, x2)
     with torch.no_grad():
         p1, p2 = (F.normalize(model.predictor(model.projector(model.backbone(x))), dim=1) for x in (x1, x2))
@@ -328,8 +314,6 @@ def test_simsiam_last_bn_hides_a_collapse_onto_one_line_that_the_output_std_of_b
 # Training through the common loop
 # ----------------------------------------------------------------------------------------------------------
 
-QUIET = dict(progress=False, log=lambda *_: None, linear_probe=False)
-
 
 def test_byol_trains_through_the_common_loop_and_reports_the_scheduled_momentum(tiny_data, tiny_profile):
     run = train("byol", tiny_profile, data=tiny_data, **QUIET)
@@ -348,18 +332,3 @@ def test_simsiam_trains_through_the_common_loop(tiny_data, tiny_profile):
     row = run.metrics[0]
     assert math.isfinite(row["loss"]) and -1 <= row["loss"] <= 1 and 0 < row["output_std"] <= 1
     assert 0 < row["prediction_std"] <= 1
-
-
-def test_a_byol_run_interrupted_after_epoch_one_and_resumed_matches_an_uninterrupted_run(
-    tiny_data, tiny_profile, interrupted_and_resumed
-):
-    # 4 steps per epoch: interrupted at the first step of epoch 2
-    full, resumed = interrupted_and_resumed("byol", tiny_profile, 4, data=tiny_data, **QUIET)
-    a, b = full.method.state_dict(), resumed.method.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(k.startswith("target.") for k in a)
-    assert full.metrics[-1] == {
-        **resumed.metrics[-1],
-        "seconds": full.metrics[-1]["seconds"],
-        "images_per_second": full.metrics[-1]["images_per_second"],
-    }

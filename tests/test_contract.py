@@ -14,8 +14,12 @@ import pytest
 import torch
 
 import contrastive.losses as losses_module
+from contrastive.augment import SIMCLR_CIFAR, augment
+from contrastive.losses import nt_xent
 from contrastive.methods import METHODS, Method, Spec, build_method
-from contrastive.train import evaluate_checkpoint
+from contrastive.methods import base as base_module
+from contrastive.models import projection_mlp
+from contrastive.train import evaluate_checkpoint, train
 
 ALL = sorted(METHODS)
 
@@ -107,3 +111,41 @@ def test_an_interrupted_and_resumed_run_is_bit_identical_and_eval_rebuilds_the_m
     again = evaluate_checkpoint(tmp_path / "resumed", data=tiny_data, linear_probe=False)
     assert again["method"] == name and again["epoch"] == tiny_profile.epochs
     assert again["knn_top1"] == full.summary["knn_top1"]
+
+
+class TwoViews(Method):
+    """The example of `methods/base.py`'s docstring, line for line: a new method in ten lines."""
+
+    def __init__(self, spec: Spec, temperature: float = 0.5):
+        super().__init__()
+        self.backbone = spec.build_backbone()
+        self.projector = projection_mlp(self.backbone.out_dim, 512, 128)
+        self.temperature = temperature
+
+    def forward(self, images, indices):
+        x = torch.cat([augment(images, SIMCLR_CIFAR), augment(images, SIMCLR_CIFAR)])
+        z1, z2 = self.projector(self.backbone(x)).chunk(2)
+        return nt_xent(z1, z2, self.temperature)
+
+
+def test_a_new_method_of_ten_lines_trains_resumes_and_evaluates_through_the_loop(
+    tiny_data, tiny_profile, tmp_path, monkeypatch
+):
+    example = [line[4:] for line in base_module.__doc__.splitlines() if line.startswith("        ")]
+    body = [line for line in inspect.getsource(TwoViews).split('"""', 2)[2].splitlines() if line.strip()]
+    assert example == body and len(body) + 1 == 10  # and the class line
+    monkeypatch.setitem(METHODS, "twoviews", TwoViews)
+    run = train(
+        "twoviews",
+        tiny_profile,
+        out_dir=tmp_path,
+        data=tiny_data,
+        method_options={"temperature": 0.2},
+        progress=False,
+        log=lambda *_: None,
+        linear_probe=False,
+    )
+    assert run.summary["method_options"] == {"temperature": 0.2} and math.isfinite(run.metrics[-1]["loss"])
+    assert run.metrics[-1]["loss"] < run.metrics[0]["loss"]
+    again = evaluate_checkpoint(tmp_path, data=tiny_data, linear_probe=False)
+    assert again["knn_top1"] == run.summary["knn_top1"]

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import QUIET, random_images
 
 from contrastive.losses import dino_loss
 from contrastive.methods import build_method
@@ -12,8 +13,6 @@ from contrastive.methods.dino import DINO, update_center
 from contrastive.methods.momentum import cosine_momentum
 from contrastive.models import DINOHead, ViT, build_backbone
 from contrastive.train import train
-
-QUIET = dict(progress=False, log=lambda *_: None, linear_probe=False)
 
 
 def _method(seed=0, backbone="convnet_tiny", **options):
@@ -27,11 +26,6 @@ def _crops(n=8, local=2, seed=1):
         [torch.randn(n, 3, 32, 32, generator=gen) for _ in range(2)],
         [torch.randn(n, 3, 16, 16, generator=gen) for _ in range(local)],
     )
-
-
-def _images(n=8, seed=5):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
 
 
 def _student_parameters(model):
@@ -139,7 +133,7 @@ def test_a_training_step_draws_two_32px_global_crops_and_the_local_crops_at_16px
     model.loss = lambda g, loc: (
         seen.update(g=[x.shape for x in g], l=[x.shape for x in loc]) or torch.zeros(())
     )
-    model(_images(), torch.arange(8))
+    model(random_images(), torch.arange(8))
     assert seen["g"] == [(8, 3, 32, 32)] * 2 and seen["l"] == [(8, 3, 16, 16)] * 3
 
 
@@ -264,17 +258,3 @@ def test_dino_with_a_vit_trains_with_adamw(tiny_data, tiny_profile):
     assert isinstance(run.method.encoder, ViT)
     assert run.summary["lr"] == pytest.approx(tiny_profile.lr * 1e-3)
     assert math.isfinite(run.metrics[0]["loss"])
-
-
-def test_a_dino_run_interrupted_after_epoch_one_and_resumed_matches_an_uninterrupted_run(
-    tiny_data, tiny_profile, interrupted_and_resumed
-):
-    full, resumed = interrupted_and_resumed("dino", tiny_profile, 4, data=tiny_data, **QUIET)
-    a, b = full.method.state_dict(), resumed.method.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert "center" in a and any(k.startswith("teacher.") for k in a)
-    assert full.metrics[-1] == {
-        **resumed.metrics[-1],
-        "seconds": full.metrics[-1]["seconds"],
-        "images_per_second": full.metrics[-1]["images_per_second"],
-    }

@@ -1,8 +1,8 @@
 import torch
 import torch.nn.functional as F
 
+from contrastive.data import stratified_indices
 from contrastive.evaluate import (
-    _stratified_split,
     alignment,
     extract_features,
     knn_accuracy,
@@ -43,11 +43,30 @@ def test_knn_is_perfect_on_separated_clusters_and_chance_on_shuffled_labels():
     assert abs(knn_accuracy(feats[::2], shuffled[::2], feats[1::2], shuffled[1::2]) - 0.25) < 0.1
 
 
-def test_validation_split_is_stratified_disjoint_and_drawn_from_train_only():
+def test_the_stratified_sampler_keeps_each_class_share_at_least_one_and_a_fixed_draw_per_seed():
     labels = torch.arange(5).repeat(40)
-    fit, val = _stratified_split(labels, 0.1, seed=0)
-    assert set(fit.tolist()).isdisjoint(val.tolist()) and len(fit) + len(val) == 200
-    assert torch.bincount(labels[val]).tolist() == [4] * 5
+    val = stratified_indices(labels, 20, torch.Generator().manual_seed(0), minimum=1)
+    assert torch.bincount(labels[val]).tolist() == [4] * 5 and val.tolist() == sorted(set(val.tolist()))
+    again = stratified_indices(labels, 20, torch.Generator().manual_seed(0), minimum=1)
+    assert torch.equal(val, again)
+    skewed = torch.tensor([0] * 97 + [1] * 3)  # 1% of 100 would give class 1 nothing
+    assert torch.bincount(skewed[stratified_indices(skewed, 2, torch.Generator(), minimum=1)]).tolist() == [
+        1,
+        1,
+    ]
+    plain = stratified_indices(skewed, 10, torch.Generator())  # without a minimum: largest remainders
+    assert torch.bincount(skewed[plain], minlength=2).tolist() == [10, 0]
+
+
+def test_the_probe_validates_on_a_stratified_tenth_of_train_and_scores_test_once():
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.arange(5).repeat(40)
+    feats = torch.eye(5)[labels] * 3 + torch.randn(200, 5, generator=gen)
+    result = linear_probe(feats, labels, feats[:50], labels[:50])
+    assert set(result["val_scores"]) == {"0.0", "1e-05", "0.0001", "0.001", "0.01"}
+    assert result["test_scores"].shape == (50, 5)
+    assert torch.allclose(result["test_scores"].sum(1), torch.ones(50))
+    assert result["top1"] == (result["test_scores"].argmax(1) == labels[:50]).float().mean().item()
 
 
 def test_linear_probe_separates_linearly_separable_classes():

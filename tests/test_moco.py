@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import QUIET, random_views, step_on
 
 from contrastive.methods import build_method
 from contrastive.methods.moco import (
@@ -23,16 +24,6 @@ def _moco(seed=0, name="moco", **options):
     torch.manual_seed(seed)
     options = {"queue_size": 16, "bn_splits": 2, **options}
     return build_method(name, "convnet_tiny", 0, **options)
-
-
-def _step(model, images):
-    """The training step on `images`; their dataset indices, which MoCo does not use."""
-    return model(images, torch.arange(len(images)))
-
-
-def _views(n=8, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=gen), torch.randn(n, 3, 32, 32, generator=gen)
 
 
 def _tagged(tags, dim=4):
@@ -72,7 +63,7 @@ def test_a_batch_larger_than_the_queue_leaves_its_newest_keys():
 
 def test_a_step_enqueues_its_keys_and_the_loss_sees_the_queue_from_before():
     model = _moco(queue_size=12)
-    x_q, x_k = _views()
+    x_q, x_k = random_views()
     before = model.queue.clone()
     torch.manual_seed(4)
     keys = model.keys(x_k)
@@ -147,7 +138,7 @@ def test_the_key_encoder_gets_no_gradient_and_the_optimizer_step_leaves_it_uncha
     keys_before = [p.clone() for p in model.key_encoder.parameters()]
     query_before = [p.clone() for p in model._query_parameters()]
     assert not any(p.requires_grad for p in model.key_encoder.parameters())
-    model.contrast(*_views()).backward()
+    model.contrast(*random_views()).backward()
     assert all(p.grad is None for p in model.key_encoder.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model._query_parameters())
     optimizer.step()  # weight decay and momentum included: a parameter without gradient is skipped
@@ -158,7 +149,7 @@ def test_the_key_encoder_gets_no_gradient_and_the_optimizer_step_leaves_it_uncha
 def test_state_dict_holds_queue_pointer_and_key_encoder_and_a_round_trip_reproduces_the_next_step():
     model = _moco(momentum=0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    model.contrast(*_views(seed=1)).backward()
+    model.contrast(*random_views(seed=1)).backward()
     optimizer.step()
     model.on_step_end(0, 10)
     state = model.state_dict()
@@ -172,7 +163,7 @@ def test_state_dict_holds_queue_pointer_and_key_encoder_and_a_round_trip_reprodu
     losses = []
     for m in (model, restored, stranger):
         torch.manual_seed(3)  # the shuffle's permutation
-        losses.append(m.contrast(*_views(seed=2)).item())
+        losses.append(m.contrast(*random_views(seed=2)).item())
     assert losses[0] == losses[1] and losses[0] != losses[2]
     assert torch.equal(model.queue, restored.queue) and model.queue_ptr == restored.queue_ptr
 
@@ -256,7 +247,7 @@ def test_converting_a_backbone_keeps_its_state_and_one_split_is_ordinary_batch_n
 
 def test_shuffled_keys_are_aligned_with_their_images_and_differ_from_unshuffled_keys():
     model = _moco(bn_splits=4)
-    _, x_k = _views()
+    _, x_k = random_views()
     torch.manual_seed(3)
     keys = model.keys(x_k)
     torch.manual_seed(3)
@@ -303,9 +294,9 @@ def test_bad_options_are_rejected_with_the_valid_values(options, message):
 def test_a_batch_that_bn_splits_does_not_divide_is_rejected_at_the_step():
     model, images = _moco(bn_splits=3), torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"batch of 8 images .* bn_splits=3 .* one of \[1, 2, 4, 8\]"):
-        _step(model, images)
+        step_on(model, images)
     assert model.queue_ptr.item() == 0  # nothing was enqueued
-    assert torch.isfinite(_step(_moco(bn_splits=4), images))
+    assert torch.isfinite(step_on(_moco(bn_splits=4), images))
 
 
 def test_mocov2_is_moco_with_an_mlp_head_blur_and_a_warmer_temperature():
@@ -320,7 +311,7 @@ def test_mocov2_is_moco_with_an_mlp_head_blur_and_a_warmer_temperature():
 
 
 def test_instance_accuracy_asks_whether_the_positive_beats_every_queue_entry():
-    x, _ = _views()
+    x, _ = random_views()
     # Same view, same weights, one BN group in both encoders: every query equals its key, q.k = 1.
     model = _moco(queue_size=8, bn_splits=1, shuffle_bn=False)
     with torch.no_grad():
@@ -333,7 +324,7 @@ def test_instance_accuracy_asks_whether_the_positive_beats_every_queue_entry():
         assert model.epoch_metrics()["instance_accuracy"] == 1
         # a random queue against a reference computed from the definition
         model = _moco(queue_size=64, bn_splits=2)
-        x_q, x_k = _views(seed=5)
+        x_q, x_k = random_views(seed=5)
         queue = model.queue.clone()
         torch.manual_seed(0)
         k = model.keys(x_k)
@@ -348,7 +339,6 @@ def test_instance_accuracy_asks_whether_the_positive_beats_every_queue_entry():
 # Training through the common loop
 # ----------------------------------------------------------------------------------------------------------
 
-QUIET = dict(progress=False, log=lambda *_: None, linear_probe=False)
 SMALL = {"queue_size": 128, "bn_splits": 2}
 
 
@@ -366,24 +356,10 @@ def test_mocov2_trains_through_the_common_loop(tiny_data, tiny_profile):
     assert isinstance(run.method, MoCoV2)
 
 
-def test_a_moco_run_interrupted_after_epoch_one_and_resumed_matches_an_uninterrupted_run(
-    tiny_data, tiny_profile, interrupted_and_resumed
-):
-    # 4 steps per epoch: interrupted at the first step of epoch 2
-    quiet = dict(data=tiny_data, method_options=SMALL, **QUIET)
-    full, resumed = interrupted_and_resumed("moco", tiny_profile, 4, **quiet)
-    _check_metrics(full, steps=8, batch=50)
-    a, b = full.method.state_dict(), resumed.method.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(full.method.queue, resumed.method.queue)
-    assert full.metrics[-1]["loss"] == resumed.metrics[-1]["loss"]
-    assert full.metrics[-1]["instance_accuracy"] == resumed.metrics[-1]["instance_accuracy"]
-
-
 def test_default_bn_splits_is_eight_or_the_largest_divisor_leaving_two_samples_per_group():
     torch.manual_seed(0)
     model = build_method("moco", "convnet_tiny", 10, queue_size=512)
     for batch, expected in ((16, 8), (12, 6), (10, 5), (7, 1), (11, 1), (4, 2)):
-        _step(model, torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8))
+        step_on(model, torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8))
         groups = {m.num_splits for m in model.modules() if hasattr(m, "num_splits")}
         assert groups == {expected}, (batch, groups)

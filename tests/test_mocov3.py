@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import QUIET, random_images, random_views, step_on
 
 from contrastive.losses import mocov3_loss
 from contrastive.methods import Spec, build_method
@@ -13,28 +14,10 @@ from contrastive.methods.momentum import cosine_momentum
 from contrastive.models import ViT
 from contrastive.train import adamw, train
 
-QUIET = dict(progress=False, log=lambda *_: None, linear_probe=False)
-
 
 def _method(seed=0, backbone="convnet_tiny", **options):
     torch.manual_seed(seed)
     return build_method("mocov3", backbone, 0, **options)
-
-
-def _views(n=8, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=gen), torch.randn(n, 3, 32, 32, generator=gen)
-
-
-def _images(n=8, seed=5):
-    return torch.randint(
-        0, 256, (n, 3, 32, 32), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
-    )
-
-
-def _step(model, images):
-    """The training step on `images`; their dataset indices, which MoCo v3 does not use."""
-    return model(images, torch.arange(len(images)))
 
 
 def _base_parameters(model):
@@ -83,7 +66,7 @@ def test_the_two_tau_scale_makes_the_gradient_on_each_similarity_two_times_p_min
 def test_the_method_loss_is_ctr_q1_k2_plus_ctr_q2_k1_with_keys_from_the_momentum_encoder():
     model = _method()
     _perturb_base(model)  # so that base and momentum encoders differ
-    x1, x2 = _views()
+    x1, x2 = random_views()
     loss = model.loss(x1, x2)
     with torch.no_grad():
         q1, q2 = (model.predictor(model.projector(model.encoder(x))) for x in (x1, x2))
@@ -113,7 +96,7 @@ def test_the_momentum_encoder_is_a_copy_of_vit_and_projector_that_gets_no_gradie
     base, keys = _base_parameters(model), list(model.momentum_encoder.parameters())
     assert len(base) == len(keys) and all(torch.equal(a, b) for a, b in zip(base, keys))
     assert not any(p.requires_grad for p in keys)
-    _step(model, _images()).backward()
+    step_on(model, random_images()).backward()
     assert all(p.grad is None for p in keys)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in base)
 
@@ -157,7 +140,7 @@ def test_a_frozen_patch_projection_stays_at_its_init_through_adamw_steps_while_t
     optimizer = adamw(model, 1e-3, 0.1)
     for step in range(3):
         optimizer.zero_grad(set_to_none=True)
-        _step(model, _images(seed=step)).backward()
+        step_on(model, random_images(seed=step)).backward()
         optimizer.step()
         model.on_step_end(step, 10)
     patch = model.encoder.patch_embed
@@ -166,7 +149,7 @@ def test_a_frozen_patch_projection_stays_at_its_init_through_adamw_steps_while_t
     assert all(not torch.equal(others[n], p) for n, p in model.encoder.named_parameters() if n in others)
     trained = _method()  # without the option the projection trains
     optimizer = adamw(trained, 1e-3, 0.1)
-    _step(trained, _images()).backward()
+    step_on(trained, random_images()).backward()
     optimizer.step()
     assert not torch.equal(trained.encoder.patch_embed.weight, init.weight)
 
@@ -184,7 +167,7 @@ def test_token_grad_norm_is_the_gradient_norm_at_the_patch_tokens_and_patch_grad
         return tokens
 
     model._watch_tokens = keep
-    model.loss(*_views()).backward()
+    model.loss(*random_views()).backward()
     model.on_step_end(0, 10)
     rows = model.epoch_metrics()
     assert len(seen) == 1 and seen[0].shape == (16, 64, 48)  # both views' 8 x 8 patch tokens, one pass
@@ -200,7 +183,7 @@ def test_freezing_changes_no_loss_and_no_token_gradient_at_the_same_weights():
     grads = []
     for frozen in (False, True):
         model = _method(frozen_patch=frozen)
-        loss = model.loss(*_views())
+        loss = model.loss(*random_views())
         loss.backward()
         grads.append((loss.item(), model.epoch_metrics()["token_grad_norm"][0]))
     assert grads[0][0] == pytest.approx(grads[1][0], abs=1e-6)
@@ -212,7 +195,7 @@ def test_the_token_watch_leaves_evaluation_alone_and_gives_a_frozen_projection_a
     tokens = torch.randn(2, 64, 48)
     with torch.no_grad():  # evaluation: the tokens pass through untouched, nothing is hooked
         assert model._watch_tokens(tokens) is tokens
-        x = _views()[0]
+        x = random_views()[0]
         assert torch.equal(model.encoder(x, watch=model._watch_tokens), model.encoder(x))
     watched = model._watch_tokens(tokens)  # training: a leaf that the backward pass reaches
     assert watched.requires_grad and not tokens.requires_grad
@@ -273,23 +256,9 @@ def test_mocov3_trains_through_the_common_loop_with_adamw_and_records_every_step
     assert same == frozen
 
 
-def test_a_mocov3_run_interrupted_after_epoch_one_and_resumed_matches_an_uninterrupted_run(
-    tiny_data, tiny_profile, interrupted_and_resumed
-):
-    full, resumed = interrupted_and_resumed("mocov3", tiny_profile, 4, data=tiny_data, **QUIET)
-    a, b = full.method.state_dict(), resumed.method.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(k.startswith("momentum_encoder.") for k in a)
-    assert full.metrics[-1] == {
-        **resumed.metrics[-1],
-        "seconds": full.metrics[-1]["seconds"],
-        "images_per_second": full.metrics[-1]["images_per_second"],
-    }
-
-
 def test_in_bfloat16_autocast_the_loss_is_float32_and_close_to_the_float32_loss():
     model = _method()
-    x1, x2 = _views()
+    x1, x2 = random_views()
     full = model.loss(x1, x2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half = model.loss(x1, x2)
@@ -307,7 +276,7 @@ def _rank_main(rank, world, port, out):
     try:
         # float64, so that the two reduction orders (per rank + all_reduce, one process) agree to 1e-10
         model = _method().double()
-        x1, x2 = (v.double() for v in _views())
+        x1, x2 = (v.double() for v in random_views())
         mine = slice(rank * 4, (rank + 1) * 4)
         loss = model.loss(x1[mine], x2[mine])
         loss.backward()
@@ -337,7 +306,7 @@ def test_over_two_ranks_the_loss_and_gradients_are_those_of_one_process_with_key
     mp.spawn(_rank_main, args=(2, port, out), nprocs=2, join=True)
 
     # One process, with each rank's 4 images through the heads' BN as one group, as on the ranks.
-    x1, x2 = (v.double() for v in _views())
+    x1, x2 = (v.double() for v in random_views())
     tokens = []
 
     def keep(t):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -5,9 +6,10 @@ import pytest
 import torch
 
 import contrastive.train as train_module
+from contrastive.augment import SIMCLR_CIFAR
 from contrastive.methods.simclr import SimCLR
 from contrastive.runinfo import atomic_write_bytes
-from contrastive.train import NonFiniteLossError, load_checkpoint, lr_at, train
+from contrastive.train import NonFiniteLossError, evaluate_checkpoint, load_checkpoint, lr_at, train
 
 CONTRACT_KEYS = {
     "method",
@@ -151,6 +153,60 @@ def test_an_existing_run_is_never_overwritten_and_resume_needs_a_checkpoint(
         train("simclr", tiny_profile, out_dir=tmp_path / "b", resume=True, **quiet)
     with pytest.raises(ValueError, match="cannot resume"):
         train("simclr", tiny_profile, out_dir=tmp_path / "a", epochs=1, seed=5, resume=True, **quiet)
+
+
+def test_a_resume_with_another_recipe_or_any_other_option_is_refused_naming_the_option(
+    tmp_path, tiny_data, tiny_profile
+):
+    """The checkpoint stores every option, a Recipe included; the old checkpoints dropped the recipe, so
+    resuming with another one passed the option check silently and trained on a different augmentation."""
+    quiet = dict(data=tiny_data, progress=False, log=lambda *_: None, linear_probe=False)
+    mild = dataclasses.replace(SIMCLR_CIFAR, scale=(0.5, 1.0))
+    train("simclr", tiny_profile, out_dir=tmp_path, epochs=1, method_options={"recipe": mild}, **quiet)
+    assert load_checkpoint(tmp_path, "cpu")[0]["method_options"]["recipe"] == {
+        "Recipe": dataclasses.asdict(mild)
+    }
+    for options, named in (
+        ({}, "recipe"),
+        ({"recipe": SIMCLR_CIFAR}, "recipe"),
+        ({"recipe": mild, "temperature": 0.2}, "temperature"),
+    ):
+        with pytest.raises(
+            ValueError, match=f"cannot resume .* other method options \\({named}: trained with"
+        ):
+            train(
+                "simclr",
+                tiny_profile,
+                out_dir=tmp_path,
+                epochs=2,
+                resume=True,
+                method_options=options,
+                **quiet,
+            )
+    run = train(
+        "simclr",
+        tiny_profile,
+        out_dir=tmp_path,
+        epochs=2,
+        resume=True,
+        method_options={"recipe": mild},
+        **quiet,
+    )
+    assert [m["epoch"] for m in run.metrics] == [1, 2] and run.summary["method_options"]["recipe"]["Recipe"][
+        "scale"
+    ] == (0.5, 1.0)
+    assert (
+        evaluate_checkpoint(tmp_path, data=tiny_data, linear_probe=False)["knn_top1"]
+        == run.summary["knn_top1"]
+    )
+
+
+def test_an_option_a_checkpoint_cannot_store_is_refused_before_any_training(
+    tmp_path, tiny_data, tiny_profile
+):
+    with pytest.raises(ValueError, match="option recipe=.* cannot be stored in a checkpoint"):
+        train("simclr", tiny_profile, out_dir=tmp_path, data=tiny_data, method_options={"recipe": object()})
+    assert not list(tmp_path.iterdir())
 
 
 def test_an_unknown_method_is_an_error_listing_the_valid_ones(tiny_data, tiny_profile):

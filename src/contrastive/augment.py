@@ -197,16 +197,23 @@ def adjust_saturation(x: Tensor, factor: Tensor) -> Tensor:
     return _blend(x, _gray(x), factor)
 
 
-def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
-    """Rotate the HSV hue by `shift` turns (in [-0.5, 0.5]), RGB -> HSV -> RGB batched."""
+def hue_chroma_value(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """HSV's hue in sixths of a turn (in [-1, 5)), chroma and value of RGB images (B, 3, H, W), each
+    (B, 1, H, W). Grays (chroma 0) get hue 0, which any use must ignore."""
     r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
     value = x.amax(dim=1, keepdim=True)
     chroma = value - x.amin(dim=1, keepdim=True)
-    safe = chroma.clamp_min(1e-12)  # grays have no hue; any value works since chroma is 0
-    # Hue in sixths of a turn; where two channels tie for the maximum both formulas agree.
+    safe = chroma.clamp_min(1e-12)
+    # Where two channels tie for the maximum both formulas agree.
     hue6 = torch.where(
         r == value, (g - b) / safe, torch.where(g == value, (b - r) / safe + 2, (r - g) / safe + 4)
     )
+    return hue6, chroma, value
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the HSV hue by `shift` turns (in [-0.5, 0.5]), RGB -> HSV -> RGB batched."""
+    hue6, chroma, value = hue_chroma_value(x)
     hue6 = hue6 + 6 * _per_sample(shift)
     # HSV -> RGB without branches: channel n is V - C * clamp(min(k, 4 - k), 0, 1),
     # k = (n + hue6) mod 6 with n = 5, 3, 1 for R, G, B.

@@ -122,22 +122,33 @@ class ImageDataset:
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if n is None or images is None:
                 continue
-            keep = _stratified_indices(labels.cpu(), n, generator).to(labels.device)
+            keep = stratified_indices(labels, n, generator).to(labels.device)
             changes[f"{split}_images"], changes[f"{split}_labels"] = images[keep], labels[keep]
         return dataclasses.replace(self, **changes)
 
 
-def _stratified_indices(labels: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+def stratified_indices(
+    labels: torch.Tensor, n: int, generator: torch.Generator, minimum: int = 0
+) -> torch.Tensor:
+    """Sorted indices of n images drawn class by class, each class keeping its share of `labels`.
+
+    Class c keeps max(minimum, floor(n N_c / N)) images; the images left over go to the largest
+    remainders, and a class never keeps more than it has. Within a class the images are the first
+    of a permutation drawn from `generator`, class after class in label order. The one stratified
+    sampler of the package: subsets of a split, the probe's validation split, label fractions.
+    """
     if labels.ndim != 1:
-        raise ValueError("subset needs one class per image; these labels are multi-label rows.")
+        raise ValueError("a stratified sample needs one class per image; these labels are multi-label rows.")
     if not 0 < n <= len(labels):
-        raise ValueError(f"cannot take a subset of {n} from a split of {len(labels)} images.")
+        raise ValueError(f"cannot take a stratified subset of {n} from {len(labels)} images.")
+    labels = labels.cpu()
     classes, counts = torch.unique(labels, return_counts=True)
     share = counts.double() * n / len(labels)
-    take = share.floor().long()
-    # largest remainders get the images left over after rounding down
-    extra = torch.argsort(share - take, descending=True, stable=True)[: n - int(take.sum())]
-    take[extra] += 1
+    take = share.floor().long().clamp(min=minimum)
+    left = n - int(take.sum())
+    if left > 0:  # largest remainders get the images left over after rounding down
+        take[torch.argsort(share - take, descending=True, stable=True)[:left]] += 1
+    take = torch.minimum(take, counts)
     chosen = []
     for c, k in zip(classes.tolist(), take.tolist(), strict=True):
         members = torch.nonzero(labels == c).flatten()

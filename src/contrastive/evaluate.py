@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import eval_transform
+from .data import stratified_indices
 
 
 @torch.no_grad()
@@ -62,19 +63,6 @@ def knn_accuracy(
     return correct / len(test_feats)
 
 
-def _stratified_split(labels: torch.Tensor, fraction: float, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    val = []
-    for c in labels.unique():
-        idx = (labels == c).nonzero().squeeze(1).cpu()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        val.append(idx[: max(1, int(round(fraction * len(idx))))])
-    val = torch.cat(val)
-    mask = torch.ones(len(labels), dtype=torch.bool)
-    mask[val] = False
-    return mask.nonzero().squeeze(1), val
-
-
 def _fit_linear(x, y, num_classes, weight_decay, max_iter, zero_init: bool = False):
     """Full-batch L-BFGS on cross-entropy + weight_decay ||W||^2. The problem is convex, so a zero start
     (`zero_init`) reaches the same optimum without touching the global RNG; the default keeps the seeded
@@ -114,26 +102,35 @@ def linear_probe(
     val_fraction: float = 0.1,
     max_iter: int = 200,
     seed: int = 0,
+    zero_init: bool = False,
 ) -> dict:
-    """Multinomial logistic regression on frozen features (full-batch L-BFGS).
+    """Multinomial logistic regression on frozen features (full-batch L-BFGS); the one probe of the book.
 
-    The features are standardised with train statistics; the weight decay is
-    chosen on a stratified validation split of train; the probe is then refit
-    on all of train and scored once on test.
+    The features are standardised with train statistics; the weight decay is chosen
+    by accuracy on a stratified validation split of train (`val_fraction`, at least
+    one image per class, drawn with `seed`; ties go to the stronger decay); the probe
+    is then refit on all of train and scored once on test. Returns the test top-1,
+    the test class probabilities (`test_scores`, for AUCs) and the choice.
     """
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     mean, std = train_feats.mean(0), train_feats.std(0) + 1e-6
     xtr, xte = (train_feats - mean) / std, (test_feats - mean) / std
-    fit_idx, val_idx = _stratified_split(train_labels, val_fraction, seed)
-    fit_idx, val_idx = fit_idx.to(xtr.device), val_idx.to(xtr.device)
+    n_val = max(round(val_fraction * len(train_labels)), len(train_labels.unique()))
+    val_idx = stratified_indices(train_labels, n_val, torch.Generator().manual_seed(seed), minimum=1)
+    fit = torch.ones(len(train_labels), dtype=torch.bool)
+    fit[val_idx] = False
+    fit_idx, val_idx = fit.nonzero().squeeze(1).to(xtr.device), val_idx.to(xtr.device)
     val_scores = {}
     for wd in weight_decays:
-        layer = _fit_linear(xtr[fit_idx], train_labels[fit_idx], num_classes, wd, max_iter)
+        layer = _fit_linear(xtr[fit_idx], train_labels[fit_idx], num_classes, wd, max_iter, zero_init)
         val_scores[wd] = _accuracy(layer, xtr[val_idx], train_labels[val_idx])
     best = max(weight_decays, key=lambda wd: (val_scores[wd], wd))
-    layer = _fit_linear(xtr, train_labels, num_classes, best, max_iter)
+    layer = _fit_linear(xtr, train_labels, num_classes, best, max_iter, zero_init)
+    with torch.no_grad():
+        test_scores = layer(xte).softmax(1)
     return {
         "top1": _accuracy(layer, xte, test_labels),
+        "test_scores": test_scores,
         "weight_decay": best,
         "val_top1": val_scores[best],
         "val_scores": {str(k): v for k, v in val_scores.items()},

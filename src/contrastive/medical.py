@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .augment import CIFAR10_MEAN, CIFAR10_STD, Recipe, augment, eval_transform
-from .data import MEDMNIST, ImageDataset, data_root, load_medmnist
-from .evaluate import _fit_linear, extract_features
+from .data import MEDMNIST, ImageDataset, data_root, load_medmnist, stratified_indices
+from .evaluate import extract_features, linear_probe
 from .models import build_backbone
 from .profiles import Profile
 from .train import lr_at
@@ -299,28 +299,14 @@ def first_tiles(data: ImageDataset, n: int, test_fraction: float, seed: int = 0)
 def label_subset(labels: Tensor, fraction: float, seed: int) -> Tensor:
     """Indices of a stratified fraction of `labels`: round(fraction * N) images, at least one per class.
 
-    Class c keeps n_c = max(1, about n * N_c / N) images (largest remainders get the images
-    left after rounding down; a class lifted from none to one adds that image to the
-    total), drawn with a generator seeded by `seed`; the indices come back sorted.
-    fraction = 1 keeps every image.
+    `data.stratified_indices` with at least one image per class (a class lifted from none to
+    one adds that image to the total), drawn with a generator seeded by `seed`; the indices
+    come back sorted. fraction = 1 keeps every image.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction is a share of the labels and must be in (0, 1], got {fraction}.")
-    labels = labels.cpu()
-    classes, counts = torch.unique(labels, return_counts=True)
-    n = max(round(fraction * len(labels)), len(classes))
-    share = counts.double() * n / len(labels)
-    take = share.floor().long().clamp(min=1)
-    left = n - int(take.sum())
-    if left > 0:
-        take[torch.argsort(share - take, descending=True, stable=True)[:left]] += 1
-    take = torch.minimum(take, counts)
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for c, k in zip(classes.tolist(), take.tolist(), strict=True):
-        members = torch.nonzero(labels == c).flatten()
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:k]])
-    return torch.cat(chosen).sort().values
+    n = max(round(fraction * len(labels)), len(torch.unique(labels)))
+    return stratified_indices(labels, n, torch.Generator().manual_seed(seed), minimum=1)
 
 
 # ---- metrics as MedMNIST reports them -----------------------------------------------------
@@ -382,41 +368,37 @@ def probe(
     val_fraction: float = 0.1,
     max_iter: int = 200,
 ) -> dict:
-    """Logistic regression on frozen features of a labelled fraction; test ACC and AUC from softmax scores.
+    """The book's linear probe (`evaluate.linear_probe`) on a labelled fraction; test ACC and AUC.
 
-    The labelled images are `label_subset(train_labels, fraction, seed)`. As in
-    `evaluate.linear_probe`, features are standardised (with the labelled images'
-    statistics), the weight decay is chosen by accuracy on a stratified validation
-    split of the labelled images (ties: the stronger decay), and the probe is refit
-    on all of them; the test split is scored once.
+    The labelled images are `label_subset(train_labels, fraction, seed)`; the probe's
+    validation split is drawn from them with seed + 1, and L-BFGS starts from zero
+    weights (the problem is convex, so the start does not change the optimum).
     """
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     labelled = label_subset(train_labels, fraction, seed).to(train_feats.device)
-    x, y = train_feats[labelled], train_labels[labelled]
+    y = train_labels[labelled]
     if int(torch.bincount(y.cpu(), minlength=num_classes).min()) < 2:
         raise ValueError(
             f"a {fraction:.0%} label subset leaves a class with fewer than 2 images, one to fit "
             "and one to validate: choose a larger fraction."
         )
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    x, xte = (x - mean) / std, (test_feats - mean) / std
-    val = label_subset(y, val_fraction, seed + 1).to(x.device)
-    fit = torch.ones(len(y), dtype=torch.bool, device=x.device)
-    fit[val] = False
-    val_acc = {}
-    for wd in weight_decays:
-        layer = _fit_linear(x[fit], y[fit], num_classes, wd, max_iter, zero_init=True)
-        with torch.no_grad():
-            val_acc[wd] = accuracy(layer(x[val]), y[val])
-    best = max(weight_decays, key=lambda wd: (val_acc[wd], wd))
-    layer = _fit_linear(x, y, num_classes, best, max_iter, zero_init=True)
-    with torch.no_grad():
-        scores = layer(xte).softmax(1)
+    fitted = linear_probe(
+        train_feats[labelled],
+        y,
+        test_feats,
+        test_labels,
+        weight_decays,
+        val_fraction,
+        max_iter,
+        seed=seed + 1,
+        zero_init=True,
+    )
+    scores = fitted["test_scores"]
     return {
         "acc": accuracy(scores, test_labels),
         "auc": roc_auc(scores, test_labels),
         "labels": len(y),
-        "weight_decay": best,
+        "weight_decay": fitted["weight_decay"],
     }
 
 

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import _gray, to_float
+from .augment import _gray, hue_chroma_value, to_float
 from .models import Block
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,14 +116,8 @@ def pixel_color_names(images: torch.Tensor) -> torch.Tensor:
     """Index into `COLORS` of every pixel, (B, H, W), by the HSV rule in the module docstring."""
     _check_color_images(images)
     x = to_float(images)
-    r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    value = x.amax(dim=1)
-    chroma = value - x.amin(dim=1)
+    hue6, chroma, value = (t.squeeze(1) for t in hue_chroma_value(x))  # grays are named by value below
     saturation = chroma / value.clamp_min(1e-12)
-    safe = chroma.clamp_min(1e-12)  # grays have no hue; they are named by value below
-    hue6 = torch.where(
-        r == value, (g - b) / safe, torch.where(g == value, (b - r) / safe + 2, (r - g) / safe + 4)
-    )
     hue = (60 * hue6).remainder(360)
     index = {name: COLORS.index(name) for name in COLORS}
     hue_bin = torch.bucketize(hue, torch.tensor(_HUE_EDGES, device=x.device), right=True)

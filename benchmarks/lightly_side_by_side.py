@@ -157,7 +157,7 @@ def lightly_transform(recipe):
         random_gray_scale=recipe.gray_p,
         gaussian_blur=recipe.blur_p,
         hf_prob=recipe.flip_p,
-        normalize={"mean": list(recipe.mean), "std": list(recipe.std)},
+        normalize=None,  # the backbone standardises its input, as in the package's own pipeline
     )
 
 

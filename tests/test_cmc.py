@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from contrastive.__main__ import main
-from contrastive.augment import CIFAR10_MEAN, CIFAR10_STD, lab_to_rgb, normalize
+from contrastive.augment import lab_to_rgb
 from contrastive.losses import multiview_info_nce
 from contrastive.methods import build_method
 from contrastive.methods.cmc import split_lab
@@ -61,7 +61,7 @@ def test_multiview_loss_refuses_bad_input():
 
 def test_split_lab_separates_lightness_from_colour():
     gray = torch.full((1, 3, 2, 2), 0.5)
-    lightness, colour = split_lab(normalize(gray, CIFAR10_MEAN, CIFAR10_STD))
+    lightness, colour = split_lab(gray)
     assert lightness.shape == (1, 1, 2, 2) and colour.shape == (1, 2, 2, 2)
     assert torch.allclose(colour, torch.zeros_like(colour), atol=1e-5)  # a gray has no colour
     # Two images with the same L and different ab: identical lightness views, different colour views.
@@ -70,7 +70,7 @@ def test_split_lab_separates_lightness_from_colour():
     lab[0, 1], lab[1, 2] = 20, -25
     rgb = lab_to_rgb(lab)
     assert rgb.min() > 0 and rgb.max() < 1  # inside the sRGB gamut, so nothing is clipped
-    lightness, colour = split_lab(normalize(rgb, CIFAR10_MEAN, CIFAR10_STD))
+    lightness, colour = split_lab(rgb)
     assert torch.allclose(lightness[0], lightness[1], atol=1e-4)
     assert (colour[0] - colour[1]).abs().max() > 0.1
 
@@ -94,7 +94,7 @@ def test_lightness_features_ignore_colour():
     lab = torch.zeros(2, 3, 32, 32)
     lab[:, 0] = torch.linspace(30, 70, 32)
     lab[0, 1], lab[1, 1] = 15, -15
-    x = normalize(lab_to_rgb(lab).clamp(0, 1), CIFAR10_MEAN, CIFAR10_STD)
+    x = lab_to_rgb(lab).clamp(0, 1)
     h_l, h_ab = method.encoder.views(x)
     assert torch.allclose(h_l[0], h_l[1], atol=1e-4)
     assert not torch.allclose(h_ab[0], h_ab[1], atol=1e-3)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contrastive.augment import CIFAR10_MEAN, CIFAR10_STD, augment, to_float
+from contrastive.augment import augment, to_float
 from contrastive.data import ImageDataset, load_medmnist
 from contrastive.medical import (
     HISTOLOGY,
@@ -20,7 +20,6 @@ from contrastive.medical import (
     accuracy,
     dihedral,
     first_tiles,
-    for_training_loop,
     label_subset,
     load_chapter_data,
     mean_spread,
@@ -31,16 +30,11 @@ from contrastive.medical import (
     supervised_baseline,
     synthetic_stand_in,
 )
+from contrastive.models import build_backbone
 from contrastive.profiles import get_profile
 from contrastive.train import train
 
 FEW = settings(max_examples=15, deadline=None)
-
-
-def unnormalise(x, recipe):
-    mean = torch.tensor(recipe.mean).view(1, -1, 1, 1)
-    std = torch.tensor(recipe.std).view(1, -1, 1, 1)
-    return x * std + mean
 
 
 def gray_images(n, seed=0):
@@ -72,7 +66,7 @@ def test_xray_recipe_keeps_one_channel_shape_float_dtype_and_unit_range(batch, s
     torch.manual_seed(seed)
     out = augment(gray_images(batch, seed), XRAY)
     assert out.shape == (batch, 1, 28, 28) and out.dtype == torch.float32
-    pixels = unnormalise(out, XRAY)
+    pixels = out  # views stay in [0, 1]: the encoder standardises
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
 
 
@@ -82,21 +76,20 @@ def test_histology_recipe_keeps_three_channels_shape_and_unit_range(seed):
     torch.manual_seed(seed)
     out = augment(pink_tiles(6), HISTOLOGY)
     assert out.shape == (6, 3, 28, 28) and out.dtype == torch.float32
-    pixels = unnormalise(out, HISTOLOGY)
+    pixels = out
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
 
 
 def test_xray_recipe_has_no_hue_saturation_or_grayscale_and_no_flip_by_default():
     brightness, contrast, saturation, hue = XRAY.jitter
     assert saturation == hue == 0 and XRAY.gray_p == 0 and XRAY.flip_p == 0
-    assert brightness > 0 and contrast > 0 and len(XRAY.mean) == len(XRAY.std) == 1
+    assert brightness > 0 and contrast > 0
 
 
 def test_xray_recipe_keeps_a_gray_image_gray_when_fed_as_three_channels():
-    data = ImageDataset(gray_images(32), torch.zeros(32, dtype=torch.long), None, None, ["a"])
-    data3, recipe3 = for_training_loop(data, XRAY)
+    gray = gray_images(32)
     torch.manual_seed(0)
-    pixels = unnormalise(augment(data3.train_images, recipe3), recipe3)
+    pixels = augment(gray.expand(-1, 3, -1, -1), XRAY)
     torch.testing.assert_close(pixels[:, 0], pixels[:, 1], atol=1e-5, rtol=0)
     torch.testing.assert_close(pixels[:, 0], pixels[:, 2], atol=1e-5, rtol=0)
 
@@ -123,7 +116,7 @@ def test_histology_hue_jitter_changes_the_hue_and_nothing_else_in_the_recipe_doe
 
     def hue_spread(recipe):
         torch.manual_seed(0)
-        pixels = unnormalise(augment(tiles, recipe), recipe)
+        pixels = augment(tiles, recipe)
         field = pixels[:, :, 20:, 20:].mean(dim=(2, 3)).clamp(0, 1)  # the flat pink background of each view
         hues = torch.tensor([colorsys.rgb_to_hsv(*rgb)[0] for rgb in field.tolist()])
         return hues.std().item()
@@ -151,17 +144,25 @@ def test_dihedral_refuses_non_square_images():
         dihedral(torch.zeros(2, 3, 4, 5))
 
 
-def test_for_training_loop_repeats_gray_channels_and_uses_cifar_statistics():
-    images = gray_images(5)
-    zeros = torch.zeros(5, dtype=torch.long)
+def test_a_data_set_standardises_with_its_own_statistics_measured_on_its_training_split():
+    images = gray_images(50)
+    zeros = torch.zeros(50, dtype=torch.long)
     data = ImageDataset(images, zeros, images[:2], zeros[:2], ["a"])
-    data3, recipe3 = for_training_loop(data, XRAY)
-    assert data3.train_images.shape == (5, 3, 28, 28) and data3.test_images.shape == (2, 3, 28, 28)
-    assert all(torch.equal(data3.train_images[:, c], images[:, 0]) for c in range(3))
-    assert (recipe3.mean, recipe3.std) == (CIFAR10_MEAN, CIFAR10_STD)
-    assert dataclasses.replace(recipe3, mean=XRAY.mean, std=XRAY.std) == XRAY
-    rgb = dataclasses.replace(data, train_images=pink_tiles(5), test_images=pink_tiles(2))
-    assert for_training_loop(rgb, HISTOLOGY)[0].train_images is rgb.train_images
+    pixels = images.double() / 255
+    stats = data.stats()
+    assert stats["mean"] == pytest.approx((pixels.mean().item(),)) and stats["std"] == pytest.approx(
+        (pixels.std().item(),)
+    )
+    fixed = dataclasses.replace(data, mean=(0.5,), std=(0.25,))
+    assert fixed.stats() == {"mean": (0.5,), "std": (0.25,)}  # a data set's published statistics win
+    backbone = build_backbone("convnet_tiny", in_channels=1, **stats).eval()
+    x = to_float(images)
+    reference = build_backbone("convnet_tiny", in_channels=1, mean=None, std=None).eval()
+    reference.load_state_dict(
+        {k: v for k, v in backbone.state_dict().items() if not k.startswith("standardize.")}, strict=False
+    )
+    standardised = (x - stats["mean"][0]) / stats["std"][0]
+    torch.testing.assert_close(backbone(x), reference(standardised.float()), atol=1e-5, rtol=1e-5)
 
 
 # ---- ROC AUC and accuracy -------------------------------------------------------------------
@@ -305,42 +306,26 @@ def test_supervised_baseline_learns_a_trivially_separable_problem_and_is_seeded(
     assert (again["acc"], again["auc"]) == (first["acc"], first["auc"])
 
 
-def test_simclr_trains_on_one_channel_xrays_through_the_loop_adapter():
+def test_simclr_trains_on_one_channel_xrays_standardised_with_their_own_statistics():
     (xtr, ytr), (xte, yte) = separable_xrays(64, 0), separable_xrays(32, 1)
-    data3, recipe3 = for_training_loop(ImageDataset(xtr, ytr, xte, yte, ["normal", "pneumonia"]), XRAY)
+    xrays = ImageDataset(xtr, ytr, xte, yte, ["normal", "pneumonia"])
     profile = get_profile(
         "smoke", train_size=None, test_size=None, batch_size=32, epochs=1, eval_batch_size=64
     )
     run = train(
         "simclr",
         profile,
-        data=data3,
-        method_options={"recipe": recipe3},
+        data=xrays,
+        method_options={"recipe": XRAY},
         linear_probe=False,
         log=lambda *_: None,
         progress=False,
     )
-    assert run.method.recipe == recipe3 and run.summary["train_images"] == 64
+    assert run.method.recipe == XRAY and run.summary["train_images"] == 64
     assert math.isfinite(run.metrics[-1]["loss"]) and 0 <= run.summary["knn_top1"] <= 1
-
-
-def test_the_loop_refuses_one_channel_images_which_is_why_the_adapter_exists():
-    """train() evaluates with CIFAR-10's three-channel statistics; once it reads the recipe's, drop it."""
-    (xtr, ytr), (xte, yte) = separable_xrays(64, 0), separable_xrays(32, 1)
-    profile = get_profile(
-        "smoke", train_size=None, test_size=None, batch_size=32, epochs=1, eval_batch_size=64
-    )
-    gray = ImageDataset(xtr, ytr, xte, yte, ["normal", "pneumonia"])
-    with pytest.raises(ValueError, match="one entry per channel"):
-        train(
-            "simclr",
-            profile,
-            data=gray,
-            method_options={"recipe": XRAY},
-            linear_probe=False,
-            log=lambda *_: None,
-            progress=False,
-        )
+    standardize = run.method.backbone.standardize
+    assert standardize.mean.tolist() == pytest.approx(list(xrays.stats()["mean"]))
+    assert standardize.std.tolist() == pytest.approx(list(xrays.stats()["std"]))
 
 
 # ---- data -----------------------------------------------------------------------------------

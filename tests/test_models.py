@@ -7,7 +7,7 @@ from contrastive.models import ViT, build_backbone, count_parameters, projection
 @pytest.mark.parametrize("name, out_dim", [("convnet_tiny", 64), ("convnet_small", 256), ("resnet18", 512)])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_backbones_map_images_to_out_dim_features(name, out_dim, channels):
-    net = build_backbone(name, in_channels=channels)
+    net = build_backbone(name, in_channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels)
     assert net.out_dim == out_dim
     assert net(torch.randn(2, channels, 32, 32)).shape == (2, out_dim)
     assert net(torch.randn(2, channels, 28, 28)).shape == (2, out_dim)  # MedMNIST size
@@ -42,7 +42,7 @@ VITS = [("vit_nano", 48, 2), ("vit_tiny", 64, 4), ("vit_small", 384, 12)]
 @pytest.mark.parametrize("name, dim, depth", VITS)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_vits_map_global_and_local_crops_and_medmnist_images_to_cls_features(name, dim, depth, channels):
-    net = build_backbone(name, in_channels=channels)
+    net = build_backbone(name, in_channels=channels, mean=(0.5,) * channels, std=(0.25,) * channels)
     assert isinstance(net, ViT) and net.out_dim == dim and len(net.blocks) == depth
     assert net.pos_embed.shape == (1, 1 + 8 * 8, dim)  # 32 px / patch 4: an 8 x 8 grid and the CLS token
     for size in (32, 16, 28):  # global crops, DINO's local crops, MedMNIST
@@ -86,7 +86,13 @@ def test_the_feature_is_the_cls_token_and_each_image_is_embedded_independently()
         both,
         net.norm(
             net.blocks(
-                torch.cat([net.cls_token.expand(4, -1, -1), net.patch_embed(x).flatten(2).transpose(1, 2)], 1)
+                torch.cat(
+                    [
+                        net.cls_token.expand(4, -1, -1),
+                        net.patch_embed(net.standardize(x)).flatten(2).transpose(1, 2),
+                    ],
+                    1,
+                )
                 + net.pos_embed
             )
         )[:, 0],
@@ -115,3 +121,24 @@ def test_a_frozen_patch_projection_keeps_its_random_init_while_the_rest_of_the_v
     assert net.patch_embed.weight.grad is None
     assert all(torch.equal(a, b) for a, b in zip(patch, net.patch_embed.parameters()))
     assert all(not torch.equal(rest[n], p) for n, p in net.named_parameters() if n in rest)
+
+
+def test_a_backbone_standardises_its_input_with_the_data_statistics_and_nowhere_else():
+    from contrastive.data import CIFAR10_MEAN, CIFAR10_STD
+
+    torch.manual_seed(0)
+    backbone = build_backbone("convnet_tiny").eval()  # CIFAR-10's statistics by default
+    torch.manual_seed(0)
+    plain = build_backbone("convnet_tiny", mean=None, std=None).eval()
+    x = torch.rand(4, 3, 32, 32)
+    mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    assert torch.equal(backbone(x), plain((x - mean) / std))
+    assert not torch.allclose(backbone(x), plain(x))  # a wrong (missing) standardisation shows
+    assert backbone.state_dict()["standardize.mean"].tolist() == pytest.approx(list(CIFAR10_MEAN))
+
+
+def test_statistics_that_do_not_match_the_channels_are_refused_naming_what_to_pass():
+    with pytest.raises(ValueError, match="one entry per channel: 3 given for 1 channels"):
+        build_backbone("convnet_tiny", in_channels=1)
+    with pytest.raises(ValueError, match="both None"):
+        build_backbone("convnet_tiny", mean=(0.5, 0.5, 0.5), std=None)

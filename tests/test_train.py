@@ -209,6 +209,17 @@ def test_an_option_a_checkpoint_cannot_store_is_refused_before_any_training(
     assert not list(tmp_path.iterdir())
 
 
+def test_evaluating_knn_between_epochs_changes_nothing_in_the_training(tiny_data, tiny_profile):
+    """The protocol's kNN read-outs draw no random numbers: a run that evaluates after every epoch
+    trains exactly as one that evaluates only at the end (the probe, which seeds, runs at the end)."""
+    quiet = dict(data=tiny_data, progress=False, log=lambda *_: None, linear_probe=False)
+    often = train("simclr", dataclasses.replace(tiny_profile, epochs=3, knn_every=1), **quiet)
+    rarely = train("simclr", dataclasses.replace(tiny_profile, epochs=3, knn_every=100), **quiet)
+    assert [m["loss"] for m in often.metrics] == [m["loss"] for m in rarely.metrics]
+    assert "knn_top1" in often.metrics[0] and "knn_top1" not in rarely.metrics[0]
+    assert often.summary["knn_top1"] == rarely.summary["knn_top1"]
+
+
 def test_an_unknown_method_is_an_error_listing_the_valid_ones(tiny_data, tiny_profile):
     with pytest.raises(ValueError, match="choose one of .*simclr"):
         train("simclr2", tiny_profile, data=tiny_data, progress=False, log=lambda *_: None)

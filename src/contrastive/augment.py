@@ -20,9 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
 # ITU-R 601-2 luma, the weights torchvision and PIL use for grayscale.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -67,18 +64,6 @@ def to_float(images: Tensor) -> Tensor:
     if images.is_floating_point():
         return images.float()
     raise ValueError(f"expected uint8 or float images, got {images.dtype}")
-
-
-def normalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Subtract the per-channel mean and divide by the per-channel std."""
-    if len(mean) != x.shape[1] or len(std) != x.shape[1] or min(std) <= 0:
-        raise ValueError(
-            f"mean and std need one entry per channel ({x.shape[1]}) and a positive std, "
-            f"got mean={tuple(mean)}, std={tuple(std)}"
-        )
-    mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
 
 
 def sample_crop_boxes(
@@ -374,8 +359,6 @@ class Recipe:
     blur_kernel: int = 3
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     solarize_p: float = 0.0
-    mean: tuple[float, ...] = CIFAR10_MEAN
-    std: tuple[float, ...] = CIFAR10_STD
 
 
 # SimCLR's CIFAR-10 recipe (Chen et al. 2020, appendix B.9): colour strength s = 0.5,
@@ -400,25 +383,20 @@ CLIP_CIFAR = Recipe(scale=(0.5, 1.0), jitter_p=0.0, gray_p=0.0)
 
 
 def augment(images: Tensor, recipe: Recipe, generator: torch.Generator | None = None) -> Tensor:
-    """One random view of each image: uint8 or float (B, C, H, W) -> normalised float
-    (B, C, size, size), on the images' device."""
+    """One random view of each image: uint8 or float (B, C, H, W) -> float (B, C, size, size) in
+    [0, 1], on the images' device. The encoder standardises it (`models.Standardize`)."""
     x = to_float(images)
     x = random_resized_crop(x, recipe.size, recipe.scale, recipe.ratio, generator)
     x = horizontal_flip(x, recipe.flip_p, generator)
     x = color_jitter(x, *recipe.jitter, p=recipe.jitter_p, generator=generator)
     x = random_grayscale(x, recipe.gray_p, generator)
     x = gaussian_blur(x, recipe.blur_kernel, recipe.blur_sigma, recipe.blur_p, generator)
-    x = solarize(x, p=recipe.solarize_p, generator=generator)
-    return normalize(x, recipe.mean, recipe.std)
+    return solarize(x, p=recipe.solarize_p, generator=generator)
 
 
-def eval_transform(
-    images: Tensor,
-    mean: Sequence[float] = CIFAR10_MEAN,
-    std: Sequence[float] = CIFAR10_STD,
-) -> Tensor:
-    """The deterministic transform for evaluation: convert to float and normalise."""
-    return normalize(to_float(images), mean, std)
+def eval_transform(images: Tensor) -> Tensor:
+    """The deterministic transform for evaluation: uint8 -> float in [0, 1] (the encoder standardises)."""
+    return to_float(images)
 
 
 # CIE Lab (D65 white), the colour space CMC splits into a lightness view L and a colour view ab.

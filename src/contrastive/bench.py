@@ -52,7 +52,6 @@ def _torchvision_pipeline(recipe: Recipe) -> tuple[Callable | None, str | None]:
         steps.append(v2.RandomApply([blur], p=recipe.blur_p))
     if recipe.solarize_p > 0:
         steps.append(v2.RandomSolarize(0.5, p=recipe.solarize_p))
-    steps.append(v2.Normalize(list(recipe.mean), list(recipe.std)))
     return v2.Compose(steps), torchvision.__version__
 
 

@@ -86,9 +86,19 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "contrastive"
 
 
+# CIFAR-10's per-channel mean and std of the training images in [0, 1]: what every encoder standardises with.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
 @dataclasses.dataclass
 class ImageDataset:
-    """uint8 images (N, C, H, W) and int64 labels (N,) per split; val/test may be None."""
+    """uint8 images (N, C, H, W) and int64 labels (N,) per split; val/test may be None.
+
+    `mean` and `std` are the per-channel statistics of the training images in [0, 1] that an
+    encoder standardises its input with (CIFAR-10's published ones for CIFAR-10); None means
+    "measure them on the training split" (`stats`).
+    """
 
     train_images: torch.Tensor
     train_labels: torch.Tensor
@@ -99,6 +109,16 @@ class ImageDataset:
     val_labels: torch.Tensor | None = None
     name: str = ""
     source: str = ""
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def stats(self) -> dict[str, tuple[float, ...]]:
+        """{"mean": ..., "std": ...} per channel of the training images in [0, 1]: the fields when set,
+        else measured on the training split. What `models.build_backbone` standardises with."""
+        if self.mean is not None and self.std is not None:
+            return {"mean": tuple(self.mean), "std": tuple(self.std)}
+        x = self.train_images.double().div(255).transpose(0, 1).flatten(1)  # (C, N * H * W)
+        return {"mean": tuple(x.mean(1).tolist()), "std": tuple(x.std(1).tolist())}
 
     def to(self, device: torch.device | str) -> ImageDataset:
         """A copy with every tensor moved to `device` (once, for the whole run)."""
@@ -362,7 +382,15 @@ def load_cifar10(root: str | os.PathLike | None = None, download: bool = True) -
     source = f"official cifar-10-python files in {folder}"
     if unofficial:
         source = _unofficial("CIFAR-10", folder, f" for {', '.join(unofficial)}")
-    return ImageDataset(*splits["train"], *splits["test"], classes, name="cifar10", source=source)
+    return ImageDataset(
+        *splits["train"],
+        *splits["test"],
+        classes,
+        name="cifar10",
+        source=source,
+        mean=CIFAR10_MEAN,
+        std=CIFAR10_STD,
+    )
 
 
 # ---- MedMNIST ---------------------------------------------------------------------------

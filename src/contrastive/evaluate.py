@@ -1,7 +1,7 @@
 """The evaluation protocol shared by every chapter.
 
 Features are the backbone's output (before any projection head), computed on
-non-augmented, normalised images. Two read-outs: InstDisc's weighted kNN
+non-augmented images (the backbone standardises them). Two read-outs: InstDisc's weighted kNN
 (k = 200, temperature 0.1, cosine similarity) and a linear probe whose weight
 decay is chosen on a validation split carved from train, never on test.
 """
@@ -17,17 +17,14 @@ from .data import stratified_indices
 
 
 @torch.no_grad()
-def extract_features(
-    backbone: nn.Module, images: torch.Tensor, batch_size: int = 1024, mean=None, std=None
-) -> torch.Tensor:
+def extract_features(backbone: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
     """Backbone features (N, D), float32, of uint8 images (N, C, H, W); eval mode, images' device."""
     was_training = backbone.training
     backbone.eval()
-    kwargs = {k: v for k, v in (("mean", mean), ("std", std)) if v is not None}
     use_amp = images.device.type == "cuda"
     chunks = []
     for start in range(0, len(images), batch_size):
-        x = eval_transform(images[start : start + batch_size], **kwargs)
+        x = eval_transform(images[start : start + batch_size])
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
             chunks.append(backbone(x).float())
     backbone.train(was_training)

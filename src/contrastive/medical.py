@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .augment import CIFAR10_MEAN, CIFAR10_STD, Recipe, augment, eval_transform
+from .augment import Recipe, augment, eval_transform
 from .data import MEDMNIST, ImageDataset, data_root, load_medmnist, stratified_indices
 from .evaluate import extract_features, linear_probe
 from .models import build_backbone
@@ -35,9 +35,6 @@ from .profiles import Profile
 from .train import lr_at
 
 # ---- recipes ------------------------------------------------------------------------------
-
-# PneumoniaMNIST's training images: gray mean 0.572, std 0.168 (measured on the train split).
-XRAY_MEAN, XRAY_STD = (0.572,), (0.168,)
 
 # Grayscale chest X-rays, one channel. Crops keep at least 35% of the image: a lung
 # opacity is a few pixels at 28 px, and SimCLR's 8% crops would often cut it out of
@@ -58,8 +55,6 @@ XRAY = Recipe(
     jitter_p=0.8,
     gray_p=0.0,
     blur_p=0.0,
-    mean=XRAY_MEAN,
-    std=XRAY_STD,
 )
 
 # H&E histology tiles, three channels. Tissue in a slide has no up or down, so flips
@@ -68,9 +63,7 @@ XRAY = Recipe(
 # labs, scanners and batches of eosin and haematoxylin, so hue and saturation are
 # jittered (a stand-in for stain augmentation in the HED colour space) with a
 # moderate hue shift: purple nuclei must stay distinguishable from pink stroma.
-# No random grayscale: colour carries the stain, which is the signal. The loop's
-# evaluation normalises with CIFAR-10's statistics (see `for_training_loop`), so
-# the recipe does as well.
+# No random grayscale: colour carries the stain, which is the signal.
 HISTOLOGY = Recipe(
     size=28,
     scale=(0.35, 1.0),
@@ -80,8 +73,6 @@ HISTOLOGY = Recipe(
     jitter_p=0.8,
     gray_p=0.0,
     blur_p=0.0,
-    mean=CIFAR10_MEAN,
-    std=CIFAR10_STD,
 )
 
 
@@ -99,31 +90,6 @@ def dihedral(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     flip = torch.randint(2, (len(x),), generator=generator, device=source).to(x.device).bool()
     rotated = torch.stack([x.rot90(r, dims=(-2, -1)) for r in range(4)])[k, torch.arange(len(x))]
     return torch.where(flip.view(-1, 1, 1, 1), rotated.flip(-1), rotated)
-
-
-def for_training_loop(data: ImageDataset, recipe: Recipe) -> tuple[ImageDataset, Recipe]:
-    """The data set and recipe in the form `train` can evaluate: three channels, CIFAR-10 statistics.
-
-    x -> (x, x, x) for one-channel images, recipe.mean/std -> CIFAR-10's. The loop scores
-    every backbone through `eval_transform`'s defaults, CIFAR-10's three-channel mean and
-    std, so a one-channel X-ray would be refused there, and a recipe with other
-    statistics would train on inputs the evaluation never shows. A gray image becomes
-    three equal channels, which `XRAY` keeps equal (no hue, saturation or grayscale op).
-    """
-    channels = data.train_images.shape[1]
-    if channels not in (1, 3):
-        raise ValueError(f"expected images with 1 or 3 channels, got {channels}.")
-    if channels == 1:
-        splits = ("train_images", "val_images", "test_images")
-        data = dataclasses.replace(
-            data,
-            **{
-                s: getattr(data, s).expand(-1, 3, -1, -1).contiguous()
-                for s in splits
-                if getattr(data, s) is not None
-            },
-        )
-    return data, dataclasses.replace(recipe, mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
 
 # ---- the chapter's budget per profile -----------------------------------------------------
@@ -402,11 +368,10 @@ def probe(
     }
 
 
-def features(backbone: nn.Module, data: ImageDataset, recipe: Recipe, batch_size: int = 1000):
-    """Frozen backbone features of the train and test splits, normalised with the recipe's statistics."""
-    kwargs = {"batch_size": batch_size, "mean": recipe.mean, "std": recipe.std}
-    return extract_features(backbone, data.train_images, **kwargs), extract_features(
-        backbone, data.test_images, **kwargs
+def features(backbone: nn.Module, data: ImageDataset, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+    """Frozen backbone features of the train and test splits (the backbone standardises its input)."""
+    return extract_features(backbone, data.train_images, batch_size), extract_features(
+        backbone, data.test_images, batch_size
     )
 
 
@@ -441,7 +406,7 @@ def supervised_baseline(
     images, labels = data.train_images[labelled_indices], data.train_labels[labelled_indices]
     num_classes = len(data.classes)
     torch.manual_seed(seed)
-    backbone = build_backbone(backbone_name, in_channels=images.shape[1])
+    backbone = build_backbone(backbone_name, in_channels=images.shape[1], **data.stats())
     model = nn.Sequential(backbone, nn.Linear(backbone.out_dim, num_classes)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     batch = min(batch_size, len(images))
@@ -465,7 +430,7 @@ def supervised_baseline(
     with torch.no_grad():
         logits = torch.cat(
             [
-                model(eval_transform(data.test_images[i : i + 1000], recipe.mean, recipe.std))
+                model(eval_transform(data.test_images[i : i + 1000]))
                 for i in range(0, len(data.test_images), 1000)
             ]
         )

@@ -4,8 +4,10 @@ Three backbones, one per profile: a tiny ConvNet for smoke tests, a slim ConvNet
 that learns visibly within minutes on a laptop CPU, and the CIFAR variant of
 ResNet-18 (3x3 stem, no max-pool) for GPUs; and a small Vision Transformer in
 three sizes, one per profile as well, for MoCo v3 and DINO. Every backbone maps
-images (B, C, H, W) to features (B, out_dim) and exposes `out_dim`; evaluation
-always uses these features, never the projection head's output.
+images (B, C, H, W) in [0, 1] to features (B, out_dim) and exposes `out_dim`; its
+first step standardises the images with the training data's per-channel statistics
+(`Standardize`), the one place the package normalises images. Evaluation always uses
+these features, never the projection head's output.
 """
 
 from __future__ import annotations
@@ -16,6 +18,29 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .data import CIFAR10_MEAN, CIFAR10_STD
+
+
+class Standardize(nn.Module):
+    """x -> (x - mean) / std per channel, with the training images' statistics; the identity when
+    `mean` is None (inputs the caller has scaled itself, as CMC's Lab channels)."""
+
+    def __init__(self, mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__()
+        if (mean is None) != (std is None) or (mean is not None and (len(mean) != len(std) or min(std) <= 0)):
+            raise ValueError(
+                f"mean and std need one entry per channel each and a positive std (or both None); "
+                f"got mean={mean}, std={std}"
+            )
+        self.active = mean is not None
+        self.register_buffer("mean", torch.tensor(mean if self.active else [], dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std if self.active else [], dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        return (x - self.mean.to(x.dtype).view(1, -1, 1, 1)) / self.std.to(x.dtype).view(1, -1, 1, 1)
 
 
 def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -29,8 +54,14 @@ def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
 class ConvNet(nn.Module):
     """Blocks of conv3x3-BN-ReLU, each followed by a 2x2 max-pool, then global average pooling."""
 
-    def __init__(self, widths: Sequence[int] = (24, 64, 128, 256), in_channels: int = 3):
+    def __init__(
+        self,
+        widths: Sequence[int] = (24, 64, 128, 256),
+        in_channels: int = 3,
+        standardize: Standardize | None = None,
+    ):
         super().__init__()
+        self.standardize = standardize if standardize is not None else Standardize()
         blocks, c_in = [], in_channels
         for width in widths:
             blocks += [conv_bn_relu(c_in, width), nn.MaxPool2d(2)]
@@ -39,7 +70,7 @@ class ConvNet(nn.Module):
         self.out_dim = c_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean(dim=(2, 3))
+        return self.features(self.standardize(x)).mean(dim=(2, 3))
 
 
 class BasicBlock(nn.Module):
@@ -64,8 +95,14 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """ResNet-18 for 32x32 inputs: a 3x3 stride-1 stem and no max-pool, as SimCLR's CIFAR experiments."""
 
-    def __init__(self, in_channels: int = 3, widths: Sequence[int] = (64, 128, 256, 512)):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        widths: Sequence[int] = (64, 128, 256, 512),
+        standardize: Standardize | None = None,
+    ):
         super().__init__()
+        self.standardize = standardize if standardize is not None else Standardize()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
             nn.BatchNorm2d(widths[0]),
@@ -80,7 +117,7 @@ class ResNet18(nn.Module):
         self.out_dim = c_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.stem(x)).mean(dim=(2, 3))
+        return self.layers(self.stem(self.standardize(x))).mean(dim=(2, 3))
 
 
 class Block(nn.Module):
@@ -126,8 +163,10 @@ class ViT(nn.Module):
         patch_size: int = 4,
         image_size: int = 32,
         in_channels: int = 3,
+        standardize: Standardize | None = None,
     ):
         super().__init__()
+        self.standardize = standardize if standardize is not None else Standardize()
         if dim % heads:
             raise ValueError(f"dim {dim} must be a multiple of heads {heads}: every head gets dim / heads")
         if image_size % patch_size:
@@ -177,7 +216,7 @@ class ViT(nn.Module):
         `watch`, when given, receives the patch projection's output tokens (B, T, dim) and
         returns the tokens to use (MoCo v3 hooks the gradient that reaches them).
         """
-        tokens = self.patch_embed(x)
+        tokens = self.patch_embed(self.standardize(x))
         grid = tokens.shape[-2:]
         tokens = tokens.flatten(2).transpose(1, 2)
         if watch is not None:
@@ -205,22 +244,38 @@ VITS = sorted(name for name, (cls, _) in BACKBONES.items() if cls is ViT)
 VIT_FOR_BACKBONE = {"convnet_tiny": "vit_nano", "convnet_small": "vit_tiny", "resnet18": "vit_small"}
 
 
-def build_backbone(name: str, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+def build_backbone(
+    name: str,
+    in_channels: int = 3,
+    width: float = 1.0,
+    mean: Sequence[float] | None = CIFAR10_MEAN,
+    std: Sequence[float] | None = CIFAR10_STD,
+) -> nn.Module:
     """Build a backbone by name; an unknown name is an error listing the valid ones.
 
     `width` multiplies every layer's channel count (CMC's half-width encoders use 0.5), or a
-    ViT's token dimension, rounded to a multiple of its number of heads.
+    ViT's token dimension, rounded to a multiple of its number of heads. The backbone reads
+    images in [0, 1] and standardises them with `mean` and `std`, one entry per channel (the
+    training data's, `ImageDataset.stats()`; CIFAR-10's by default); None leaves them as given.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     if not width > 0:
         raise ValueError(f"width must be positive, got {width}")
+    if mean is not None and len(mean) != in_channels:
+        raise ValueError(
+            f"mean and std need one entry per channel: {len(mean)} given for {in_channels} channels; "
+            "pass the data's statistics (**data.stats()), or mean=None, std=None for inputs "
+            "scaled already"
+        )
+    standardize = Standardize(mean, std)
     cls, config = BACKBONES[name]
     if cls is ViT:
         heads = config["heads"]
         dim = heads * max(1, round(width * config["dim"] / heads))
-        return ViT(**{**config, "dim": dim}, in_channels=in_channels)
-    return cls(widths=[max(1, round(width * w)) for w in config["widths"]], in_channels=in_channels)
+        return ViT(**{**config, "dim": dim}, in_channels=in_channels, standardize=standardize)
+    widths = [max(1, round(width * w)) for w in config["widths"]]
+    return cls(widths=widths, in_channels=in_channels, standardize=standardize)
 
 
 def in_channels_of(backbone: nn.Module) -> int:

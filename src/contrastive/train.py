@@ -162,11 +162,13 @@ def build_model(
     options: dict | None = None,
     seed: int = 0,
     device=None,
+    stats: dict | None = None,
 ) -> Method:
-    """Method `method` on the profile's backbone, initialised from `seed`, on `device` (the
+    """Method `method` on the profile's backbone for data of `num_images` images with `in_channels`
+    channels and per-channel `stats` (CIFAR-10's when None), initialised from `seed`, on `device` (the
     profile's by default) in channels_last, which speeds convolutions up on CPUs (oneDNN) and GPUs."""
     torch.manual_seed(seed)
-    model = build_method(method, profile.backbone, num_images, in_channels, **(options or {}))
+    model = build_method(method, profile.backbone, num_images, in_channels, stats, **(options or {}))
     return model.to(device or profile.device).to(memory_format=torch.channels_last)
 
 
@@ -298,9 +300,8 @@ def train(
     data = profile_data(profile, data, device)
     if is_main:
         log(banner(profile, data.source))
-    model = build_model(
-        method, profile, len(data.train_images), data.train_images.shape[1], method_options, seed, device
-    )
+    n, channels = data.train_images.shape[:2]
+    model = build_model(method, profile, n, channels, method_options, seed, device, data.stats())
     if epochs is None:
         profile = scaled_epochs(profile, model)
     if len(data.train_images) < profile.batch_size:
@@ -340,7 +341,9 @@ def train(
                 final = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=linear_probe)
                 row["knn_top1"] = final["knn_top1"]
             elif (epoch + 1) % profile.knn_every == 0:
-                row["knn_top1"] = evaluate_backbone(model.encoder, data, profile.eval_batch_size)["knn_top1"]
+                row["knn_top1"] = evaluate_backbone(
+                    model.encoder, data, profile.eval_batch_size, linear=False
+                )["knn_top1"]
             row.update(model.epoch_metrics())
             state["metrics"].append(row)
             if is_main:
@@ -609,8 +612,9 @@ def evaluate_checkpoint(
         restored_options(ckpt["method_options"]),
         ckpt["seed"],
         device,
+        data.stats(),
     )
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["model"])  # the statistics the encoders standardise with included
     result = evaluate_backbone(model.encoder, data, profile.eval_batch_size, linear=linear_probe)
     return {
         "checkpoint": str(path),

@@ -1,7 +1,7 @@
 """One file per method, each a subclass of `base.Method` (the interface the training loop reads).
 
-`build_method(name, backbone, num_images, in_channels, **options)` builds one by name; the
-options are its constructor's keyword arguments, every one with a default.
+`build_method(name, backbone, num_images, in_channels, stats, **options)` builds one by name;
+the options are its constructor's keyword arguments, every one with a default.
 """
 
 from __future__ import annotations
@@ -57,16 +57,24 @@ def check_method(name: str, options: dict | None = None) -> type[Method]:
 
 
 def build_method(
-    name: str, backbone: str = "convnet_small", num_images: int = 0, in_channels: int = 3, **options
+    name: str,
+    backbone: str = "convnet_small",
+    num_images: int = 0,
+    in_channels: int = 3,
+    stats: dict | None = None,
+    **options,
 ) -> Method:
     """Method `name` built on the backbone called `backbone`, for `num_images` training images of
-    `in_channels` channels (per-image state: a memory bank, captions); `options` go to its constructor."""
+    `in_channels` channels (per-image state: a memory bank, captions) whose per-channel statistics are
+    `stats` ({"mean": ..., "std": ...}, `ImageDataset.stats()`; CIFAR-10's when None); `options` go to
+    its constructor."""
     if not isinstance(backbone, str):
         raise TypeError(
             f"backbone is the backbone's name, one of contrastive.models.BACKBONES, got "
             f"{type(backbone).__name__}; the method builds its own encoders"
         )
-    return check_method(name, options)(Spec(backbone, num_images, in_channels), **options)
+    spec = Spec(backbone, num_images, in_channels, **{k: tuple(v) for k, v in (stats or {}).items()})
+    return check_method(name, options)(spec, **options)
 
 
 __all__ = ["METHODS", "Method", "Spec", "build_method", "check_method", "method_options"]

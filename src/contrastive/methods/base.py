@@ -32,26 +32,38 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data import CIFAR10_MEAN, CIFAR10_STD
 from ..models import build_backbone
 
 
 @dataclass(frozen=True)
 class Spec:
-    """What a method is built from: the profile's backbone by name, the data's size and channels.
+    """What a method is built from: the profile's backbone by name, the data's size, channels and
+    per-channel statistics (`ImageDataset.stats()`; CIFAR-10's by default).
 
     `build_backbone()` is the factory: a method calls it for each encoder it needs (CMC
     asks for two half-width ones on one and two channels), so no encoder is built only
-    to be thrown away.
+    to be thrown away. Each backbone standardises its input with the data's statistics.
     """
 
     backbone: str = "convnet_small"
     num_images: int = 0
     in_channels: int = 3
+    mean: tuple[float, ...] = CIFAR10_MEAN
+    std: tuple[float, ...] = CIFAR10_STD
 
-    def build_backbone(self, name: str | None = None, in_channels: int | None = None, width: float = 1.0):
-        """A fresh backbone: the profile's (or `name`), on the data's channels (or `in_channels`)."""
+    def build_backbone(
+        self,
+        name: str | None = None,
+        in_channels: int | None = None,
+        width: float = 1.0,
+        standardize: bool = True,
+    ) -> nn.Module:
+        """A fresh backbone: the profile's (or `name`), on the data's channels (or `in_channels`),
+        standardising with the data's statistics (`standardize=False`: inputs the method scales itself)."""
         channels = self.in_channels if in_channels is None else in_channels
-        return build_backbone(name or self.backbone, in_channels=channels, width=width)
+        stats = {"mean": self.mean, "std": self.std} if standardize else {"mean": None, "std": None}
+        return build_backbone(name or self.backbone, in_channels=channels, width=width, **stats)
 
 
 def check_widths(**widths: int) -> None:

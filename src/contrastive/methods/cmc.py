@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..augment import CIFAR10_MEAN, CIFAR10_STD, CMC_CIFAR, Recipe, augment, rgb_to_lab
+from ..augment import CMC_CIFAR, Recipe, augment, rgb_to_lab
 from ..distributed import gather_with_grad
 from ..losses import multiview_info_nce
 from ..models import embedding_head
@@ -32,15 +32,13 @@ from .base import Method, Spec
 
 
 def split_lab(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised RGB (B, 3, H, W) with CIFAR-10 statistics -> (L, ab), each scaled to about [-1, 1]."""
-    mean = torch.tensor(CIFAR10_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    lab = rgb_to_lab((x * std + mean).clamp(0, 1))
+    """RGB images (B, 3, H, W) in [0, 1] -> (L, ab), each scaled to about [-1, 1]."""
+    lab = rgb_to_lab(x.clamp(0, 1))
     return (lab[:, :1] - 50) / 50, lab[:, 1:] / 100
 
 
 class LabEncoder(nn.Module):
-    """Images (normalised RGB) -> [f_L(L), f_ab(ab)]: the features the evaluation protocol reads."""
+    """RGB images in [0, 1] -> [f_L(L), f_ab(ab)]: the features the evaluation protocol reads."""
 
     def __init__(self, l_net: nn.Module, ab_net: nn.Module):
         super().__init__()
@@ -70,9 +68,10 @@ class CMC(Method):
         if views not in ("lab", "rgb"):
             raise ValueError(f"views must be 'lab' (CMC) or 'rgb' (one encoder, two crops), got {views!r}")
         self.views, self.temperature, self.recipe = views, temperature, recipe
-        if views == "lab":  # two half-width encoders, one on L, one on ab
+        if views == "lab":  # two half-width encoders, one on L, one on ab, which split_lab scales
             self.encoder = LabEncoder(
-                spec.build_backbone(in_channels=1, width=0.5), spec.build_backbone(in_channels=2, width=0.5)
+                spec.build_backbone(in_channels=1, width=0.5, standardize=False),
+                spec.build_backbone(in_channels=2, width=0.5, standardize=False),
             )
             nets = (self.encoder.l_net, self.encoder.ab_net)
             self.heads = nn.ModuleList([embedding_head(net.out_dim, feature_dim) for net in nets])

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import contrastive.losses as losses_module
 import contrastive.train as train_module
 from contrastive.augment import SIMCLR_CIFAR
 from contrastive.methods.simclr import SimCLR
@@ -127,6 +128,31 @@ def test_a_nan_loss_stops_with_the_step_named_and_the_last_checkpoint_intact(
     ckpt, path = load_checkpoint(tmp_path, "cpu")
     assert path.name == "checkpoint_0001.pt" and ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_a_nan_loss_read_only_every_few_steps_as_on_a_gpu_still_names_the_first_bad_step(
+    tmp_path, tiny_data, tiny_profile, monkeypatch
+):
+    """The GPU path: the loss's finiteness is kept on the device and read every CHECK_EVERY steps; a NaN at
+    global step 6 is found at step 7, named as step 6, and no checkpoint holds the weights it produced."""
+    real_forward, calls = SimCLR.forward, []
+
+    def nan_in_epoch_two(self, images, indices=None):
+        calls.append(1)
+        loss = real_forward(self, images, indices)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    monkeypatch.setattr(train_module, "CHECK_EVERY_CPU", 3)
+    monkeypatch.setattr(losses_module, "_values_checked", lambda x: False)  # as on a GPU
+    monkeypatch.setattr(SimCLR, "forward", nan_in_epoch_two)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 2 \(global step 6\)") as err:
+        train("simclr", tiny_profile, out_dir=tmp_path, data=tiny_data, progress=False, log=lambda *_: None)
+    assert "without saving the weights since" in str(err.value) and "checkpoint_0001.pt is intact" in str(
+        err.value
+    )
+    assert len(calls) == 7  # read at the interval's end, one step later
+    ckpt, path = load_checkpoint(tmp_path, "cpu")
+    assert path.name == "checkpoint_0001.pt" and ckpt["epoch"] == 1
 
 
 def test_a_corrupt_latest_checkpoint_is_named_and_the_previous_one_is_used(tmp_path, tiny_data, tiny_profile):

@@ -33,7 +33,7 @@ from .runinfo import atomic_write_bytes, device_description, git_commit, write_j
 CHECKPOINTS_KEPT = 2
 # On a GPU, reading the loss makes the host wait for the device; the loop reads its finiteness flag
 # every this many steps there, and at every step on a CPU, where the read costs nothing.
-CHECK_EVERY_CUDA = 50
+CHECK_EVERY_CUDA, CHECK_EVERY_CPU = 50, 1
 
 
 @dataclasses.dataclass
@@ -469,7 +469,7 @@ def _run_epoch(
     rank, world = distributed.rank(), distributed.world_size()
     steps_per_epoch = n // batch
     total_steps, warmup_steps = steps_per_epoch * profile.epochs, int(profile.warmup_epochs * steps_per_epoch)
-    check_every = CHECK_EVERY_CUDA if device.type == "cuda" else 1
+    check_every = CHECK_EVERY_CUDA if device.type == "cuda" else CHECK_EVERY_CPU
     use_amp = profile.amp and device.type == "cuda"
     # The order depends on (seed, epoch) alone, so a resumed run sees the same batches.
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).to(device)

@@ -5,6 +5,20 @@ import contrastive.train as train_module
 from contrastive.data import ImageDataset
 from contrastive.profiles import get_profile
 
+# The summary.json keys ARCHITECTURE.md's CLI contract names.
+CONTRACT_KEYS = {
+    "method",
+    "profile",
+    "epochs",
+    "knn_top1",
+    "knn_top1_random_init",
+    "seconds",
+    "images_per_second",
+    "device",
+    "torch",
+    "commit",
+}
+
 # Keyword arguments that keep a test's training run quiet and short: no progress bar, no log, no probe.
 QUIET = dict(progress=False, log=lambda *_: None, linear_probe=False)
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import CONTRACT_KEYS
 
 import contrastive.losses as losses_module
 import contrastive.train as train_module
@@ -11,19 +12,6 @@ from contrastive.augment import SIMCLR_CIFAR
 from contrastive.methods.simclr import SimCLR
 from contrastive.runinfo import atomic_write_bytes
 from contrastive.train import NonFiniteLossError, evaluate_checkpoint, load_checkpoint, lr_at, train
-
-CONTRACT_KEYS = {
-    "method",
-    "profile",
-    "epochs",
-    "knn_top1",
-    "knn_top1_random_init",
-    "seconds",
-    "images_per_second",
-    "device",
-    "torch",
-    "commit",
-}
 
 
 def _weights(model):

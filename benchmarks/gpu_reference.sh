@@ -5,7 +5,9 @@
 #      profile runs), and SimCLR's once more compiled;
 #   2. the batched augmentation's images/s on the GPU (bench augment);
 #   3. a short SimCLR ResNet-18 run over the whole of CIFAR-10 at batch 512, compiled, with its
-#      seconds per epoch (the first epoch, which pays for compilation, reported apart).
+#      seconds per epoch (the first epoch, which pays for compilation, reported apart). Its length is
+#      $SIMCLR_EPOCHS (default 6), or, with $SIMCLR_UNTIL set (a Unix time), as many epochs as the
+#      compiled step's images/s says end by then (a quarter in reserve for evaluation, 60 s to compile).
 # Records go to $OUT_DIR (default results/), each naming the GPU.
 #
 # Usage, from the repository root, with the package installed and CIFAR-10 under $CONTRASTIVE_DATA
@@ -55,6 +57,18 @@ echo "bench all and the compiled step: $(( $(date +%s) - step_start )) s"
 
 "$python" -m contrastive bench augment --batch-sizes "${augment_sizes[@]}" --seconds 2 \
     --json "$out/bench_augment_$suffix.json"
+
+if [ -n "${SIMCLR_UNTIL:-}" ] && [ "$profile" = gpu ]; then
+    seconds=$(( SIMCLR_UNTIL - $(date +%s) ))
+    epochs=$("$python" - "$out/bench_step_${suffix}_simclr_compiled.json" "$seconds" <<'EOF'
+import json, sys
+(row,) = json.load(open(sys.argv[1]))
+seconds_per_epoch = 1.25 * 50_000 / row["images_per_second"]
+print(max(2, int((float(sys.argv[2]) - 60) / seconds_per_epoch)))
+EOF
+)
+    echo "SimCLR: $epochs epochs fit in the $seconds s left"
+fi
 
 run="$out/simclr_${suffix}_short"
 rm -rf "$run"

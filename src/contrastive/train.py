@@ -259,7 +259,7 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        loss = (runner or model)(images, indices)
+        loss = (model if runner is None else runner)(images, indices)
     if check and not torch.isfinite(loss).item():
         raise NonFiniteLossError(f"loss became {loss.item()}")
     optimizer.zero_grad(set_to_none=True)

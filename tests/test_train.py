@@ -260,3 +260,42 @@ def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path):
         atomic_write_bytes(target, failing)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]  # the partial temporary file is gone
+
+
+class _WrapperWithoutTruth:
+    """Like torch.compile's wrapper of a module without `__len__`: asking it for its truth raises."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __len__(self):
+        raise TypeError("this wrapper does not support len()")
+
+    def __call__(self, images, indices):
+        self.calls += 1
+        return self.model(images, indices)
+
+
+def test_train_step_runs_through_a_wrapper_that_has_no_truth_value():
+    from conftest import random_images
+
+    from contrastive.methods import build_method
+    from contrastive.train import train_step
+
+    torch.manual_seed(0)
+    model = build_method("simclr", "convnet_tiny")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    runner = _WrapperWithoutTruth(model)
+    images = random_images(8)
+    loss = train_step(model, optimizer, images, torch.arange(8), 0.1, 0, 10, runner=runner)
+    assert runner.calls == 1 and torch.isfinite(loss)
+
+
+def test_what_torch_compile_would_specialise_on_runs_eagerly():
+    """The per-call order of the colour jitter and the growing list of logged values would make
+    torch.compile recompile on every new order or step; both are left out of the compiled graph."""
+    from contrastive.augment import color_jitter
+    from contrastive.methods.base import Method
+
+    for fn in (color_jitter, Method.log):
+        assert getattr(fn, "_torchdynamo_disable", False), fn.__qualname__

@@ -207,6 +207,7 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
     return torch.addcmul(value, chroma, torch.minimum(k, 4 - k).clamp_(0, 1), value=-1)
 
 
+@torch.compiler.disable  # its random order of operations would make torch.compile recompile per order
 def color_jitter(
     x: Tensor,
     brightness: float = 0.4,

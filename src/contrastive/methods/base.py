@@ -103,6 +103,7 @@ class Method(nn.Module):
     def on_step_end(self, step: int, total_steps: int) -> None:
         """After each optimiser step (momentum encoders, queues, centres); nothing by default."""
 
+    @torch.compiler.disable  # a growing list would make torch.compile recompile at every step
     def log(self, name: str, value: torch.Tensor | float, every_step: bool = False) -> None:
         """Record `value` for this step. It stays on its device: `epoch_metrics` reads every logged
         value in one transfer per epoch and reports the epoch's mean, or with `every_step` the list."""

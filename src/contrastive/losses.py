@@ -137,7 +137,11 @@ def nce_loss(
 
 
 def info_nce(
-    query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float
+    query: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    temperature: float,
+    exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """InfoNCE: -log exp(q.k+/tau) / (exp(q.k+/tau) + sum_j exp(q.k_j/tau)), mean over N (CPC, MoCo chapters).
 
@@ -145,6 +149,8 @@ def info_nce(
     (K, D) shared by the whole batch (a queue, a memory, other samples). The
     scores are plain dot products: callers that compare directions (MoCo)
     normalise first, callers with a learned critic (CPC) pass its outputs.
+    `exclude`, a boolean (N, K), leaves negative j out of query i's sum where
+    it is True (CPC: a query's own target drawn among the shared negatives).
     """
     _check_temperature(temperature)
     _check_embeddings(query=query, positive=positive)
@@ -152,7 +158,15 @@ def info_nce(
         raise ValueError(f"negatives must be (K, {query.shape[1]}); got {tuple(negatives.shape)}")
     _check_finite("negatives", negatives)
     positive_logit = (query * positive).sum(1, keepdim=True)
-    logits = torch.cat([positive_logit, query @ negatives.T], dim=1) / temperature
+    negative_logits = query @ negatives.T
+    if exclude is not None:
+        if exclude.shape != negative_logits.shape or exclude.dtype != torch.bool:
+            raise ValueError(
+                f"exclude must be a boolean {tuple(negative_logits.shape)}; "
+                f"got {exclude.dtype} {tuple(exclude.shape)}"
+            )
+        negative_logits = negative_logits.masked_fill(exclude, float("-inf"))
+    logits = torch.cat([positive_logit, negative_logits], dim=1) / temperature
     return F.cross_entropy(logits.float(), torch.zeros(len(query), dtype=torch.long, device=query.device))
 
 

@@ -6,6 +6,12 @@ down each column of the grid, so the context c at row r has seen rows 0..r
 only; a linear map W_k predicts the patch k rows further down, and InfoNCE
 scores the prediction against the true patch and against patches of other
 positions and other images. Evaluation uses the mean of the patch features.
+
+The negatives are drawn once per step, without replacement, from every patch
+of the batch (every position of every image, the query's own image included)
+except the query's own target: each query is scored against exactly
+`num_negatives` patches that are not its positive (fewer only when the batch
+has fewer patches).
 """
 
 from __future__ import annotations
@@ -74,17 +80,33 @@ class CPC(Method):
         c = self.context(columns)[0].view(b, cols, rows, d).permute(0, 2, 1, 3)  # (B, rows, cols, D)
         z = F.normalize(z, dim=-1)  # score directions: ReLU features have large, all-positive dot products
         pool = z.reshape(-1, d)
-        negatives = pool[torch.randint(0, len(pool), (self.num_negatives,), device=z.device)]
+        drawn = torch.randperm(len(pool), device=z.device)[: self.num_negatives + 1]
+        negatives = pool[drawn]
+        position = torch.arange(len(pool), device=z.device).view(b, rows, cols)  # each patch's row in pool
         loss = 0.0
         for k, predictor in enumerate(self.predictors, start=1):
             query = F.normalize(predictor(c[:, : rows - k].reshape(-1, d)), dim=1)
             target = z[:, k:].reshape(-1, d)
-            loss = loss + info_nce(query, target, negatives, self.temperature)
-            self.log_top1(k, query, target, negatives)
+            exclude = own_target_excluded(drawn, position[:, k:].reshape(-1), self.num_negatives)
+            loss = loss + info_nce(query, target, negatives, self.temperature, exclude=exclude)
+            self.log_top1(k, query, target, negatives, exclude)
         return loss / len(self.predictors)
 
     @torch.no_grad()
-    def log_top1(self, k: int, query: torch.Tensor, target: torch.Tensor, negatives: torch.Tensor) -> None:
-        """InfoNCE top-1 at offset k: does the true patch outscore every negative?"""
+    def log_top1(self, k: int, query, target, negatives, exclude: torch.Tensor) -> None:
+        """InfoNCE top-1 at offset k: does the true patch outscore every negative it is scored against?"""
         positive = (query * target).sum(1)
-        self.log(f"cpc_accuracy_k{k}", (positive > (query @ negatives.T).max(1).values).float().mean())
+        scores = (query @ negatives.T).masked_fill(exclude, float("-inf"))
+        self.log(f"cpc_accuracy_k{k}", (positive > scores.max(1).values).float().mean())
+
+
+def own_target_excluded(drawn: torch.Tensor, targets: torch.Tensor, num_negatives: int) -> torch.Tensor:
+    """Which of the `drawn` patches (pool rows, distinct, in random order) each query leaves out.
+
+    Query i leaves out its own target `targets[i]` where it was drawn, and otherwise the last drawn
+    patch, so that with `num_negatives + 1` patches drawn every query keeps exactly `num_negatives`,
+    a uniform draw without replacement from the patches other than its target."""
+    exclude = drawn.unsqueeze(0) == targets.unsqueeze(1)  # (queries, drawn)
+    if len(drawn) > num_negatives:
+        exclude[:, -1] |= ~exclude.any(1)
+    return exclude

@@ -299,3 +299,35 @@ def test_what_torch_compile_would_specialise_on_runs_eagerly():
 
     for fn in (color_jitter, Method.log):
         assert getattr(fn, "_torchdynamo_disable", False), fn.__qualname__
+
+
+def test_a_resume_with_another_learning_rate_or_batch_size_is_refused_naming_it(
+    tmp_path, tiny_data, tiny_profile
+):
+    quiet = dict(data=tiny_data, progress=False, log=lambda *_: None, linear_probe=False)
+    train("simclr", tiny_profile, out_dir=tmp_path, epochs=1, **quiet)
+    for field, value in (("lr", tiny_profile.lr * 2), ("batch_size", tiny_profile.batch_size // 2)):
+        changed = dataclasses.replace(tiny_profile, **{field: value})
+        with pytest.raises(ValueError, match=f"other training settings \\({field}: trained with"):
+            train("simclr", changed, out_dir=tmp_path, epochs=2, resume=True, **quiet)
+
+
+def test_the_command_line_sets_the_profile_fields_a_sweep_varies(tmp_path, monkeypatch):
+    from contrastive import __main__ as cli
+
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda method, profile, **kw: seen.setdefault("p", profile))
+    with pytest.raises(AttributeError):  # the stand-in returns a profile, not a run: stop after the call
+        cli.main(
+            ["train", "--method", "simclr", "--profile", "cpu", "--lr", "0.3", "--batch-size", "128"]
+            + ["--train-size", "5000", "--weight-decay", "1e-4", "--warmup-epochs", "0.5"]
+        )
+    p = seen["p"]
+    assert (p.name, p.lr, p.batch_size, p.train_size, p.weight_decay, p.warmup_epochs) == (
+        "cpu",
+        0.3,
+        128,
+        5000,
+        1e-4,
+        0.5,
+    )

@@ -25,7 +25,15 @@ def _train(args) -> int:
     from .profiles import get_profile
     from .train import train
 
-    profile = get_profile(args.profile, compile=True) if args.compile else args.profile
+    # Fields of the profile that a sweep varies; the run's summary records the values used.
+    overrides = {
+        field: getattr(args, field)
+        for field in ("lr", "batch_size", "train_size", "weight_decay", "warmup_epochs")
+        if getattr(args, field) is not None
+    }
+    if args.compile:
+        overrides["compile"] = True
+    profile = get_profile(args.profile, **overrides) if overrides else args.profile
     run = train(
         args.method,
         profile=profile,
@@ -114,6 +122,11 @@ def main(argv=None) -> int:
         help="default: $CONTRASTIVE_PROFILE, else gpu with CUDA and cpu without",
     )
     p.add_argument("--epochs", type=int, default=None, help="default: the profile's")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate before the method's scale")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the profile's")
+    p.add_argument("--train-size", type=int, default=None, help="training images (default: the profile's)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: the profile's")
+    p.add_argument("--warmup-epochs", type=float, default=None, help="default: the profile's")
     p.add_argument("--out", default=None, help="folder for metrics.jsonl, checkpoints and summary.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")

@@ -215,6 +215,19 @@ def restored_options(stored: dict) -> dict:
     }
 
 
+# The profile's fields that change what a run trains; a resume must keep them (it may add epochs).
+RESUME_PROFILE_FIELDS = (
+    "backbone",
+    "train_size",
+    "test_size",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_epochs",
+    "amp",
+)
+
+
 def _check_resumable(ckpt: dict, path: Path, method: str, profile: Profile, seed: int, options: dict) -> None:
     """Refuse to resume a checkpoint as another method, profile, seed or with any other option."""
     if (ckpt["method"], ckpt["profile"], ckpt["seed"]) != (method, profile.name, seed):
@@ -233,6 +246,15 @@ def _check_resumable(ckpt: dict, path: Path, method: str, profile: Profile, seed
         )
         raise ValueError(
             f"cannot resume {path} with other method options ({detail}); pass the options it "
+            "was trained with, or start a new run in another folder"
+        )
+    trained = ckpt.get("profile_fields", {})
+    now = dataclasses.asdict(profile)
+    differ = [k for k in RESUME_PROFILE_FIELDS if k in trained and trained[k] != now[k]]
+    if differ:
+        detail = "; ".join(f"{k}: trained with {trained[k]!r}, now {now[k]!r}" for k in differ)
+        raise ValueError(
+            f"cannot resume {path} with other training settings ({detail}); pass the settings it "
             "was trained with, or start a new run in another folder"
         )
 

@@ -179,3 +179,53 @@ def test_amdahls_law():
         amdahl_speedup(1.5, 2.0)
     with pytest.raises(ValueError, match="factor"):
         amdahl_speedup(0.5, 0.0)
+
+
+# ---- the records of extra seeds and sweeps -------------------------------------------------------
+
+RECORDS_SCRIPT = str(ROOT / "scripts" / "cpu_records.py")
+
+
+@pytest.mark.slow
+@needs_cifar
+def test_the_records_script_trains_seeds_and_sweep_points_once_each(tmp_path):
+    results = tmp_path / "results"
+    common = ["--profile", "smoke", "--results", str(results), "--jobs", "2"]
+    sweep = [sys.executable, RECORDS_SCRIPT, "sweep", "--method", "simclr", "--set", "lr=0.1,0.3"]
+    sweep += ["--set", "option.temperature=0.5", "--epochs", "1", *common]
+    done = subprocess.run(sweep, capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("kNN") == 2 and "[2/2]" in done.stdout  # one progress line per run
+    rows = [json.loads(line) for line in (results / "sweeps" / "simclr_smoke.jsonl").read_text().splitlines()]
+    assert sorted(r["settings"]["lr"] for r in rows) == [0.1, 0.3]
+    assert all(r["settings"]["option.temperature"] == 0.5 and r["epochs"] == 1 for r in rows)
+    assert all(r["knn_gain"] == pytest.approx(r["knn_top1"] - r["knn_top1_random_init"]) for r in rows)
+    again = subprocess.run(sweep, capture_output=True, text=True, env=_env(), timeout=600)
+    assert again.stdout.count("skipped") == 2 and len(rows) == 2  # nothing trained twice
+
+    seeds = [sys.executable, RECORDS_SCRIPT, "seeds", "--runs", "simsiam_nosg", "--seeds", "1", *common]
+    done = subprocess.run(seeds, capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((results / "simsiam_nosg_smoke_seed1" / "summary.json").read_text())
+    assert (summary["seed"], summary["method"], summary["method_options"]) == (
+        1,
+        "simsiam",
+        {"stop_gradient": False},
+    )
+    assert not list((results / "simsiam_nosg_smoke_seed1").glob("checkpoint_*.pt"))
+
+
+def test_the_records_script_refuses_an_unknown_run_or_setting(tmp_path):
+    for args, said in (
+        (["seeds", "--runs", "simclrr"], "unknown runs"),
+        (["sweep", "--method", "simclr", "--set", "momentum=0.9"], "cannot sweep"),
+        (["sweep", "--method", "simclr", "--set", "lr"], "NAME=V1,V2"),
+    ):
+        done = subprocess.run(
+            [sys.executable, RECORDS_SCRIPT, *args, "--results", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=120,
+        )
+        assert done.returncode != 0 and said in done.stderr, (args, done.stderr)

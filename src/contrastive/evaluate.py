@@ -170,8 +170,9 @@ def output_std(z: torch.Tensor) -> torch.Tensor:
 def effective_rank(z: torch.Tensor) -> torch.Tensor:
     """exp(entropy of p_k = s_k / sum s), s the singular values of the rows z / ||z|| (Roy and Vetterli 2007).
 
-    About D for directions spread over the sphere in D dimensions (N >> D), k for directions confined
-    to a k-dimensional subspace however it is rotated, 1 for complete collapse. `output_std` sees only
+    About D for directions spread evenly over the sphere in D dimensions (N >> D), k for directions
+    spread evenly (isotropically) within a k-dimensional subspace however it is rotated, and less than
+    k for an uneven spread within it; 1 for complete collapse. `output_std` sees only
     the last of the three: a rotated low-dimensional collapse keeps it near 1/sqrt(D).
     """
     if z.dim() != 2 or min(z.shape) == 0:

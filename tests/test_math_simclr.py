@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from contrastive.evaluate import alignment, uniformity
 from contrastive.losses import info_nce, nt_xent
+from contrastive.methods import build_method
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. The gradient of one anchor's loss, on the sphere and through the normalisation
@@ -105,6 +106,9 @@ def test_as_tau_goes_to_zero_all_weight_goes_to_the_hardest_negative_and_to_infi
     assert all(sp.simplify(w - v) == 0 for w, v in zip(weights, shifted))
     assert [sp.limit(w, TAU, 0, "+") for w in shifted] == [1, 0, 0]
     assert [sp.limit(w, TAU, sp.oo) for w in shifted] == [sp.Rational(1, 3)] * 3
+    # With the sign of the scores flipped the weight goes to the easiest negative instead.
+    flipped = [sp.exp((s1 - s) / TAU) / sum(sp.exp((s1 - t) / TAU) for t in scores) for s in scores]
+    assert [sp.limit(w, TAU, 0, "+") for w in flipped] == [0, 0, 1]
 
 
 def test_tau_times_the_loss_tends_to_a_zero_margin_hinge_on_the_hardest_negative():
@@ -149,6 +153,10 @@ def test_sphere_moment_closed_form_matches_the_integral_over_the_marginal_of_one
         integral = sp.Integral(sp.exp(kappa * t) * density, (t, -1, 1)).evalf(30)
         mass = sp.Integral(density, (t, -1, 1)).evalf(30)
         assert abs(float(integral / mass) - sphere_moment(d, kappa)) < 1e-12
+        # nu = d/2 instead of d/2 - 1 (the dimension of the ambient space, not of the sphere): rejected
+        nu = sp.Rational(d, 2)
+        wrong = sp.gamma(nu + 1) * (2 / sp.Integer(kappa)) ** nu * sp.besseli(nu, sp.Integer(kappa))
+        assert abs(float(integral / mass) - float(wrong.evalf(30))) > 1e-3
 
 
 def test_l_m_minus_log_m_approaches_the_limit_at_rate_one_over_m():
@@ -178,26 +186,30 @@ def test_l_m_minus_log_m_approaches_the_limit_at_rate_one_over_m():
     # gap(M) = E[L_M] - log M - limit = E log(exp(s_pos/tau)/M + mean_M exp(s_neg/tau)) - log Z.
     # Subtracting the control variate (mean_M - Z)/Z, whose mean is exactly 0, keeps the mean and removes
     # the O(1/sqrt(M n)) noise, so the O(1/M) gap is resolved at every M.
-    pos_exp, raw, gaps = (s_pos / tau).exp(), {}, {}
+    pos_exp, raw, scaled = (s_pos / tau).exp(), {}, {}
     for m in (16, 64, 256, 1024):
         sample_mean = neg_exp[:, :m].mean(1)
         loss = -s_pos / tau + torch.log(pos_exp + neg_exp[:, :m].sum(1))  # L_M, one term per anchor
         raw[m] = loss.mean().item() - math.log(m) - limit
         per_anchor = torch.log(pos_exp / m + sample_mean) - math.log(z)
         assert abs(per_anchor.mean().item() - raw[m]) < 1e-10  # the same quantity, rearranged
-        gaps[m] = (per_anchor - (sample_mean - z) / z).mean().item()
-        assert abs(gaps[m] - raw[m]) < 4 * per_anchor.std().item() / math.sqrt(n)
+        scaled[m] = m * (per_anchor - (sample_mean - z) / z)  # M gap per anchor, control variate removed
+        assert abs(scaled[m].mean().item() / m - raw[m]) < 4 * per_anchor.std().item() / math.sqrt(n)
     assert abs(raw[16]) > abs(raw[64]) > abs(raw[256]) > abs(raw[1024]) and abs(raw[1024]) < 0.005
-    for m in (16, 64, 256):
-        assert 3 < gaps[m] / gaps[4 * m] < 5
     # Leading term, from log(Z (1 + e)) with e = exp(s_pos/tau)/(M Z) + (mean_M - Z)/Z:
     # M gap -> E[exp(s_pos/tau)]/Z - Var(exp(s_neg/tau)) / (2 Z^2); the second part is Jensen's bias.
+    # M gap = C + C2 / M + O(1/M^2): (4 M' gap(M') - M gap(M)) / 3 with M' = 4M removes C2 / M.
     variance = sphere_moment(d, 2 / tau) - z**2
-    leading = pos_exp.mean().item() / z - variance / (2 * z**2)
-    for m in (256, 1024):
-        assert abs(gaps[m] * m / leading - 1) < 0.03
-    # Keeping only exp(s_pos/tau)/(M Z), as if the M negatives averaged to exactly Z, misses by about 8%.
-    assert abs(gaps[1024] * 1024 - pos_exp.mean().item() / z) > 0.05 * leading
+    a = pos_exp / z  # the anchors' own part of the constant, shared by estimate and prediction
+    leading = a.mean().item() - variance / (2 * z**2)
+    for m in (64, 256):
+        extrapolated = (4 * scaled[4 * m] - scaled[m]) / 3
+        se = (extrapolated - a).std().item() / math.sqrt(n)
+        assert abs(extrapolated.mean().item() - leading) < 4 * se, m
+        # Keeping only exp(s_pos/tau)/(M Z), as if the M negatives averaged to exactly Z: rejected.
+        assert abs(extrapolated.mean().item() - a.mean().item()) > 4 * se, m
+        # A gap of order 1/sqrt(M) would make M gap grow like sqrt(M): not what the estimates do.
+        assert abs(scaled[4 * m].mean().item() - scaled[m].mean().item()) < 0.5 * leading
 
 
 def test_alignment_and_uniformity_are_wang_and_isolas_definitions():
@@ -230,8 +242,14 @@ def test_uniform_points_on_the_sphere_reach_the_closed_form_and_beat_a_cap():
     pole[0] = 1
     cap = pole + 0.3 * torch.randn(n, d, generator=gen, dtype=torch.float64)
     # Uniform x, y: ||x - y||^2 = 2 - 2 x.y, so E exp(-2 ||x - y||^2) = e^-4 E exp(4 x.y).
-    expected = -4 + math.log(sphere_moment(d, 4))
-    assert abs(uniformity(spread).item() - expected) < 0.02
+    mean_h = math.exp(-4) * sphere_moment(d, 4)
+    expected = math.log(mean_h)
+    # The mean over pairs is a U-statistic; by symmetry E_y h(x, y) does not depend on x, so its variance
+    # is 2 Var(h) / (n (n - 1)), and the logarithm divides the standard error by E h.
+    var_h = math.exp(-8) * sphere_moment(d, 8) - mean_h**2
+    se = math.sqrt(2 * var_h / (n * (n - 1))) / mean_h
+    assert abs(uniformity(spread).item() - expected) < 4 * se
+    assert abs(uniformity(spread).item() - (-2 + math.log(sphere_moment(d, 2)))) > 4 * se  # t = 1: rejected
     assert uniformity(cap).item() > uniformity(spread).item() + 1
 
 
@@ -249,3 +267,61 @@ def test_gradient_with_respect_to_the_positive_and_each_negative_as_chapter_six_
             expected = (p[k] - (1.0 if k == j else 0.0)) * z[i] / tau
             assert torch.allclose(z.grad[k], expected, atol=1e-12), k
         assert not torch.allclose(z.grad[j], p[j] * z[i] / tau, atol=1e-6)  # the positive's -1 matters
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The package's NT-Xent pinned, and the run's geometry metrics
+# ----------------------------------------------------------------------------------------------------------
+
+
+def nt_xent_loops(u1, u2, tau, variant="definition"):
+    """NT-Xent one anchor and one candidate at a time. variant="no self-mask" counts each anchor among its
+    own negatives; "other branch only" keeps the other view's candidates alone. Both are wrong variants."""
+    views = [v / v.norm() for v in torch.cat([u1, u2])]
+    size, half = len(views), len(views) // 2
+    total = 0
+    for i in range(size):
+        j = (i + half) % size
+        if variant == "no self-mask":
+            candidates = range(size)
+        elif variant == "other branch only":
+            candidates = [k for k in range(size) if (k < half) != (i < half)]
+        else:
+            candidates = [k for k in range(size) if k != i]
+        denominator = sum(torch.exp(views[i] @ views[k] / tau) for k in candidates)
+        total = total - torch.log(torch.exp(views[i] @ views[j] / tau) / denominator)
+    return total / size
+
+
+def test_package_nt_xent_is_the_loop_definition_in_value_and_gradient_and_not_its_near_misses():
+    gen = torch.Generator().manual_seed(6)
+    n, tau = 4, 0.5
+    u = torch.randn(2 * n, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    loss = nt_xent(u[:n], u[n:], tau)
+    (grad,) = torch.autograd.grad(loss, u)
+    for variant in ("definition", "no self-mask", "other branch only"):
+        reference = nt_xent_loops(u[:n], u[n:], tau, variant)
+        (reference_grad,) = torch.autograd.grad(reference, u)
+        value_gap, grad_gap = abs(loss.item() - reference.item()), (grad - reference_grad).abs().max().item()
+        if variant == "definition":
+            assert value_gap < 1e-6 and grad_gap < 1e-6  # nt_xent's softmax runs in float32
+        else:
+            assert value_gap > 1e-2 and grad_gap > 1e-2, variant
+
+
+def test_the_logged_geometry_is_the_definitions_and_lower_means_closer_pairs_and_wider_spread():
+    # The chapter's run check reads "alignment and uniformity fell" as improvement: lower must mean better.
+    method = build_method("simclr", "convnet_tiny", 0)
+    gen = torch.Generator().manual_seed(7)
+    z1 = torch.randn(64, 16, generator=gen)
+    z2 = z1 + 0.1 * torch.randn(64, 16, generator=gen)
+    method.log_geometry(z1, z2)
+    good = method.epoch_metrics()
+    assert abs(good["alignment"] - alignment(z1, z2).item()) < 1e-6
+    assert abs(good["uniformity"] - uniformity(z1).item()) < 1e-6
+    bunched = torch.ones(64, 16) + 0.01 * torch.randn(64, 16, generator=gen)
+    method.log_geometry(bunched, -bunched)  # positives on opposite poles, every view in one place
+    bad = method.epoch_metrics()
+    assert bad["alignment"] > good["alignment"] and bad["uniformity"] > good["uniformity"]
+    # With the sign convention reversed, the same comparison would call the bad batch better.
+    assert not (-bad["alignment"] > -good["alignment"] or -bad["uniformity"] > -good["uniformity"])

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from contrastive.losses import clip_loss, multiview_info_nce
+from contrastive.methods import build_method
 
 
 def pairs(n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,3 +142,89 @@ def test_anti_aligned_pairs_make_the_bound_vacuous():
         loss = clip_loss(image, -image, s).item()
         assert loss == pytest.approx(s + math.log(math.exp(-s) + n - 1), rel=1e-10)
         assert math.log(n) - loss < 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The package's objective pinned: value and gradient of clip_loss and of CLIP's learned log-scale
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_clip_loss_is_neither_one_direction_nor_their_sum_nor_unnormalised_nor_at_temperature_s():
+    image, text = pairs(8, 16, 4)
+    s, n = 14.0, 8
+    sims = similarities(image, text)
+    rows = sum(-s * sims[i, i] + torch.logsumexp(s * sims[i], 0) for i in range(n)) / n
+    cols = sum(-s * sims[j, j] + torch.logsumexp(s * sims[:, j], 0) for j in range(n)) / n
+    loss = clip_loss(image, text, s)
+    assert torch.allclose(loss, (rows + cols) / 2, rtol=0, atol=1e-12)
+    raw, targets = image @ text.T, torch.arange(n)
+    unnormalised = (F.cross_entropy(s * raw, targets) + F.cross_entropy(s * raw.T, targets)) / 2
+    for wrong in (rows, cols, rows + cols, unnormalised, clip_loss(image, text, 1 / s)):
+        assert not torch.allclose(loss, wrong, rtol=0, atol=1e-3)
+
+
+def test_embedding_gradient_is_g_v_and_g_transpose_u_through_the_normalisation():
+    image, text = pairs(8, 16, 5)
+    s, n = 14.0, 8
+    x_image, x_text = image.clone().requires_grad_(True), text.clone().requires_grad_(True)
+    g_image, g_text = torch.autograd.grad(clip_loss(x_image, x_text, s), (x_image, x_text))
+    u, v = F.normalize(image, dim=1), F.normalize(text, dim=1)
+    sims = u @ v.T
+    p, q, eye = (s * sims).softmax(1), (s * sims).softmax(0), torch.eye(n, dtype=torch.float64)
+
+    def tangential(x, unit, g):
+        return (g - (g * unit).sum(1, keepdim=True) * unit) / x.norm(dim=1, keepdim=True)
+
+    def pinned(g_matrix, through_normalisation=True):
+        gu, gv = g_matrix @ v, g_matrix.T @ u
+        if through_normalisation:
+            gu, gv = tangential(image, u, gu), tangential(text, v, gv)
+        return torch.allclose(g_image, gu, rtol=0, atol=1e-12) and torch.allclose(
+            g_text, gv, rtol=0, atol=1e-12
+        )
+
+    right = s / (2 * n) * (p + q - 2 * eye)
+    assert pinned(right)
+    assert not pinned(s / (2 * n) * (p + p.T - 2 * eye))  # the other axis: P^T in place of Q
+    assert not pinned(s / n * (p - eye))  # one direction counted twice
+    assert not pinned(right, through_normalisation=False)  # the normalisation's Jacobian left out
+
+
+def test_the_scale_derivative_is_not_the_row_term_alone():
+    s = sp.Symbol("s", positive=True)
+    S = sp.Matrix(2, 2, lambda i, j: sp.Symbol(f"S{i}{j}", real=True))
+    rows = [-s * S[i, i] + sp.log(sum(sp.exp(s * S[i, j]) for j in range(2))) for i in range(2)]
+    cols = [-s * S[j, j] + sp.log(sum(sp.exp(s * S[i, j]) for i in range(2))) for j in range(2)]
+    loss = (sum(rows) / 2 + sum(cols) / 2) / 2
+    row_only = sum(sp.diff(r, s) for r in rows) / 2
+    assert sp.simplify(sp.diff(loss, s) - row_only) != 0
+
+
+def test_when_no_positive_wins_the_sign_of_the_scale_gradient_depends_on_the_scale():
+    # each positive (0.5) loses to one other entry of its row and column (0.6); the rest are -0.5
+    sims = torch.full((8, 8), -0.5, dtype=torch.float64)
+    sims.fill_diagonal_(0.5)
+    sims[torch.arange(8), (torch.arange(8) + 1) % 8] = 0.6
+    assert (sims.argmax(1) != torch.arange(8)).all() and (sims.argmax(0) != torch.arange(8)).all()
+    assert closed_form_scale_gradient(sims, 1.0) < 0 < closed_form_scale_gradient(sims, 15.0)
+
+
+def test_the_learned_log_scale_gets_s_times_the_scale_gradient_below_the_cap_and_none_above():
+    image, text = pairs(8, 16, 6)
+    torch.manual_seed(0)
+    model = build_method("clip", "convnet_tiny", 8).double()
+    for log_scale in (math.log(1 / 0.07), math.log(50.0), math.log(150.0)):
+        with torch.no_grad():
+            model.log_logit_scale.fill_(log_scale)
+        scale = model.logit_scale()
+        (grad,) = torch.autograd.grad(clip_loss(image, text, scale), model.log_logit_scale)
+        by_s = closed_form_scale_gradient(similarities(image, text), scale.item()).item()
+        if log_scale < math.log(100):
+            assert grad.item() == pytest.approx(scale.item() * by_s, abs=1e-12)
+            assert abs(grad.item() - by_s) > 1e-3  # wrong: the factor s of the chain rule dropped
+        else:
+            assert scale.item() == pytest.approx(100.0) and grad.item() == 0.0
+    model.on_step_end(0, 1)
+    assert (
+        model.log_logit_scale.item() == model.log_scale_cap.item() == pytest.approx(math.log(100), abs=1e-6)
+    )

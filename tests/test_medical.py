@@ -415,3 +415,71 @@ def test_results_table_shows_spread_for_several_seeds_and_the_papers_row():
     assert "±0.071" in text and "0.850" in text and "0.854" in text and "(paper)" in text
     assert mean_spread([0.8, 0.9]) == pytest.approx((0.85, 0.0707106781))
     assert mean_spread([0.5]) == (0.5, 0.0)
+
+
+# ---- negative controls of the chapter's checks ---------------------------------------------
+
+
+def test_ordinal_ranks_or_ties_counted_zero_miss_the_auc_that_mid_ranks_give():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randint(0, 3, (200,), generator=g).double()  # three levels: many ties
+    positive = torch.randint(0, 2, (200,), generator=g) == 1
+    ranks = torch.empty(200, dtype=torch.float64)
+    ranks[scores.argsort(stable=True)] = torch.arange(1, 201, dtype=torch.float64)  # ties broken by position
+    n_pos = int(positive.sum())
+    ordinal = ((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (200 - n_pos))).item()
+    ties_zero = (scores[positive][:, None] > scores[~positive]).double().mean().item()
+    assert roc_auc(scores, positive.long()) == pytest.approx(direct_auc(scores, positive), abs=1e-12)
+    assert abs(ordinal - direct_auc(scores, positive)) > 1e-3
+    assert abs(ties_zero - direct_auc(scores, positive)) > 1e-3
+
+
+def test_the_xray_checks_reject_the_histology_and_cifar_recipes_and_vice_versa():
+    from contrastive.augment import SIMCLR_CIFAR
+
+    def safe_for_xrays(recipe):
+        return recipe.jitter[2:] == (0.0, 0.0) and recipe.flip_p == 0.0 and recipe.gray_p == 0.0
+
+    def safe_for_tiles(recipe):
+        return recipe.jitter[2] > 0 and recipe.jitter[3] > 0 and recipe.flip_p == 0.5 and recipe.gray_p == 0.0
+
+    assert safe_for_xrays(XRAY) and safe_for_tiles(HISTOLOGY)
+    assert not safe_for_xrays(HISTOLOGY) and not safe_for_xrays(SIMCLR_CIFAR)
+    assert not safe_for_tiles(XRAY) and not safe_for_tiles(SIMCLR_CIFAR)
+
+
+def test_the_chapters_rebuilt_random_init_is_the_backbone_the_loop_builds_and_another_seed_is_not():
+    # The chapter seeds with the run's seed and builds the backbone, as `train` does before its method.
+    from contrastive.methods import build_method
+
+    stats = {"mean": (0.5,), "std": (0.25,)}
+    torch.manual_seed(0)
+    method = build_method("simclr", "convnet_tiny", 64, 1, stats)
+    rebuilt = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        rebuilt[seed] = build_backbone("convnet_tiny", in_channels=1, **stats).state_dict()
+    loop = method.backbone.state_dict()
+    assert all(torch.equal(loop[k], rebuilt[0][k]) for k in loop)
+    assert not all(torch.equal(loop[k], rebuilt[1][k]) for k in loop)
+
+
+def test_a_shift_of_the_class_prior_multiplies_the_posterior_odds_and_moves_the_right_threshold():
+    # PneumoniaMNIST: 3,494 of 4,707 training X-rays and 390 of 624 test X-rays show pneumonia.
+    train_prior, test_prior = 3494 / 4707, 390 / 624
+    ratio = (test_prior / (1 - test_prior)) / (train_prior / (1 - train_prior))
+    x = torch.linspace(-3, 3, 61, dtype=torch.float64)
+    likelihood = {1: torch.exp(-((x - 1) ** 2) / 2), 0: torch.exp(-((x + 1) ** 2) / 2)}
+
+    def posterior(prior):  # Bayes' rule with the two classes' likelihoods
+        return prior * likelihood[1] / (prior * likelihood[1] + (1 - prior) * likelihood[0])
+
+    odds = {p: posterior(p) / (1 - posterior(p)) for p in (train_prior, test_prior)}
+    assert torch.allclose(odds[test_prior], ratio * odds[train_prior], rtol=1e-12, atol=0)
+    assert not torch.allclose(odds[test_prior], odds[train_prior] / ratio, rtol=1e-3, atol=0)  # inverted
+    # the chapter's numbers: a score of 1/2 means about 0.37 on the test split; the right cut-off is 0.63
+    assert (
+        round(ratio, 2) == 0.58
+        and round(ratio / (1 + ratio), 2) == 0.37
+        and round(1 / (1 + ratio), 2) == 0.63
+    )

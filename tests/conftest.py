@@ -85,3 +85,14 @@ def interrupted_and_resumed(tmp_path, monkeypatch):
         return full, resumed
 
     return run
+
+
+class Keep:
+    """A forward hook that keeps a module's outputs with their gradients."""
+
+    def __init__(self):
+        self.outputs = []
+
+    def __call__(self, module, inputs, output):
+        output.retain_grad()
+        self.outputs.append(output)

@@ -10,6 +10,7 @@ import pytest
 import sympy as sp
 import torch
 import torch.nn.functional as F
+from conftest import Keep
 
 from contrastive.evaluate import effective_rank, output_std
 from contrastive.losses import negative_cosine
@@ -31,17 +32,6 @@ def D(p, z):
 def views(n=16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(2, n, 3, 32, 32, generator=gen, dtype=torch.float64)
-
-
-class Keep:
-    """A forward hook that keeps a module's outputs with their gradients."""
-
-    def __init__(self):
-        self.outputs = []
-
-    def __call__(self, module, inputs, output):
-        output.retain_grad()
-        self.outputs.append(output)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Every check is paired with a named wrong alternative that the same check rejects
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import Keep
 
 from contrastive.losses import mocov3_loss
 from contrastive.methods import build_method, mocov3
@@ -66,15 +67,6 @@ def test_with_the_two_tau_scale_every_similarity_gradient_is_two_p_minus_i_over_
     # at tau = 0.1 the unscaled gradient would exceed the bound 2/N, five times the scaled one
     if temperature == 0.1:
         assert (grad / (2 * temperature)).abs().max() > 2 / n
-
-
-class Keep:
-    def __init__(self):
-        self.outputs = []
-
-    def __call__(self, module, inputs, output):
-        output.retain_grad()
-        self.outputs.append(output)
 
 
 def test_the_method_loss_is_the_symmetric_sum_its_query_gradient_the_theorems_and_keys_get_no_gradient():

@@ -1,3 +1,7 @@
+import json
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -103,3 +107,32 @@ def test_alignment_and_uniformity_extremes():
     collapsed = torch.ones(16, 8)
     assert abs(uniformity(collapsed).item()) < 1e-6  # all points equal: log E exp(0) = 0
     assert uniformity(z).item() < -1.0  # spread points are far apart on average
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def test_learned_passes_the_stored_simclr_run_and_fails_the_collapsed_simsiam_whose_loss_fell():
+    from contrastive.bench import load_summary
+    from contrastive.evaluate import learned
+
+    simclr, collapsed = load_summary(RESULTS, "simclr_cpu"), load_summary(RESULTS, "simsiam_nosg_cpu")
+    assert learned(simclr)
+    assert not learned(collapsed)
+    losses = [json.loads(line)["loss"] for line in (RESULTS / "simsiam_nosg_cpu/metrics.jsonl").open()]
+    assert losses[-1] < losses[0]  # the loss-fell test, which it would pass
+
+
+def test_learned_needs_more_than_the_margin_and_names_what_is_missing():
+    from contrastive.bench import load_summary
+    from contrastive.evaluate import LEARNED_MARGIN, learned
+
+    assert learned({"knn_top1": 0.40 + LEARNED_MARGIN + 1e-3, "knn_top1_random_init": 0.40})
+    assert not learned({"knn_top1": 0.40 + LEARNED_MARGIN - 1e-3, "knn_top1_random_init": 0.40})
+    assert not learned({"knn_top1": 0.41, "knn_top1_random_init": 0.40})  # above init, within the spread
+    with pytest.raises(KeyError, match="knn_top1_random_init"):
+        learned({"knn_top1": 0.5})
+    with pytest.raises(ValueError, match="margin"):
+        learned({"knn_top1": 0.5, "knn_top1_random_init": 0.4}, margin=2)
+    with pytest.raises(FileNotFoundError, match="no_such_run"):
+        load_summary(RESULTS, "no_such_run")

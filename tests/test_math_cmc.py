@@ -240,7 +240,7 @@ def test_cmc_method_step_loss_gradient_and_logged_estimate_match_the_formulas():
     assert abs(loss.item() - value) < 1e-5 * value
     assert torch.allclose(u1.grad.double(), g1, rtol=1e-4, atol=1e-7)
     assert torch.allclose(u2.grad.double(), g2, rtol=1e-4, atol=1e-7)
-    logged = method.epoch_metrics()["mi_bound"]
+    logged = method.epoch_metrics()["infonce_estimate"]
     assert abs(logged - (math.log(8) - value / 2)) < 1e-5
     # negative controls: one direction only; log K - L without the 1/2
     one_way = _multiview_by_hand(

@@ -203,3 +203,31 @@ def test_every_chapter_ends_with_a_derivation_a_code_change_and_an_experiment_so
     solved = set(re.findall(r"^````\{admonition\} Solution to (\d+)\n:class: dropdown$", exercises, re.M))
     unsolved = sorted(set(kinds) - solved)
     assert not unsolved, f"{notebook.name}: exercises {unsolved} lack a solution in a dropdown admonition"
+
+
+NOTEBOOKS = sorted(BOOK.glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_nbval_markers_are_cell_tags_that_the_reader_does_not_see(path):
+    import nbformat
+    import nbval_tags
+
+    nb = nbformat.read(path, as_version=4)
+    shown = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "NBVAL_" in c.source]
+    assert not shown, f"{path.name}: cells {shown} show an nbval comment: run scripts/nbval_tags.py"
+    tagged = [t for c in nb.cells for t in c.metadata.get("tags", []) if t.startswith("nbval-")]
+    assert tagged and set(tagged) <= set(nbval_tags.MARKERS.values())
+
+
+def test_the_marker_converter_moves_a_marker_into_the_tag_nbval_reads(tmp_path):
+    import nbformat
+    import nbval_tags
+
+    marked = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1)")])
+    path = tmp_path / "marked.ipynb"
+    nbformat.write(marked, path)
+    assert nbval_tags.convert(str(path)) == 1
+    cell = nbformat.read(path, as_version=4).cells[0]
+    assert cell.source == "print(1)" and cell.metadata["tags"] == ["nbval-check-output"]
+    assert nbval_tags.convert(str(path)) == 0  # nothing left to move

@@ -355,6 +355,20 @@ def format_step_table(rows: Sequence[dict]) -> str:
 # ---- the records the benchmark chapter reads ----------------------------------------------------
 
 
+def load_summary(results: str | Path, run: str) -> dict:
+    """One run's `results/<run>/summary.json`, e.g. `load_summary("results", "simsiam_nosg_cpu")`; a
+    missing record is an error naming the file and the command that writes it."""
+    import json
+
+    path = Path(results) / run / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no record {path}: `python scripts/cpu_records.py` or `python -m contrastive "
+            f"train ... --out {path.parent}` writes it"
+        )
+    return json.loads(path.read_text())
+
+
 def load_records(
     results: str | Path, profile: str = "cpu", methods: Sequence[str] | None = None
 ) -> list[dict]:

@@ -134,6 +134,25 @@ def linear_probe(
     }
 
 
+#: How far (kNN top-1, as a fraction) a trained encoder must beat its own random initialisation to count
+#: as having learned: two points, above the seed-to-seed spread of one recipe (Chapter 14 measures 1.8).
+LEARNED_MARGIN = 0.02
+
+
+def learned(summary: dict, margin: float = LEARNED_MARGIN) -> bool:
+    """Whether a run (its `summary.json`, or `train(...).summary`) learned: its encoder's kNN top-1 beats
+    the same encoder at initialisation by more than `margin`.
+
+    A falling loss is not the test: SimSiam without its stop-gradient collapses while its loss falls from
+    -0.42 to -0.97 (`results/simsiam_nosg_cpu`), and that record fails this one."""
+    if not 0 <= margin < 1:
+        raise ValueError(f"margin is a fraction of the test images, in [0, 1); got {margin}")
+    missing = [k for k in ("knn_top1", "knn_top1_random_init") if k not in summary]
+    if missing:
+        raise KeyError(f"the summary has no {', '.join(missing)}: is it a training run's summary.json?")
+    return summary["knn_top1"] - summary["knn_top1_random_init"] > margin
+
+
 def evaluate_backbone(
     backbone: nn.Module, data, batch_size: int = 1024, knn_k: int = 200, linear: bool = True
 ) -> dict:

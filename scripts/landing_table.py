@@ -1,11 +1,11 @@
-"""The landing page's table of what each chapter's stored outputs were run on.
+"""The provenance page's table of what each chapter's stored outputs were run on.
 
 usage: python scripts/landing_table.py [--write | --check]
 
 Reads `metadata["contrastive"]` (profile, device, torch, date, seconds; written by
 scripts/execute_notebooks.py) from every notebook in _toc.yml and renders one
 Markdown table row per chapter. Without a flag it prints the table; `--write`
-replaces the table between the markers in book/intro.md; `--check` exits 1 when
+replaces the table between the markers in book/provenance.md; `--check` exits 1 when
 that table is out of date (tests/test_zoo.py runs the same comparison). Rerun
 it with `--write` after `make execute`.
 """
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from check_html import toc_files  # noqa: E402 - a sibling script, not an installed package
 
 ROOT = Path(__file__).resolve().parent.parent
-INTRO = ROOT / "book" / "intro.md"
+INTRO = ROOT / "book" / "provenance.md"
 BEGIN = "% BEGIN landing-table"
 END = "% END landing-table"
 HEADER = [
@@ -72,11 +72,11 @@ def table(root: Path = ROOT) -> str:
 
 
 def stored_table(intro_text: str) -> str:
-    """The table currently between the markers of the landing page."""
+    """The table currently between the markers of the provenance page."""
     match = re.search(rf"^{re.escape(BEGIN)}\n(.*?)^{re.escape(END)}$", intro_text, re.S | re.M)
     if not match:
         raise ValueError(
-            f"book/intro.md has no block between `{BEGIN}` and `{END}`: put the markers back "
+            f"book/provenance.md has no block between `{BEGIN}` and `{END}`: put the markers back "
             "where the table belongs."
         )
     return match.group(1).strip("\n")
@@ -93,8 +93,8 @@ def replace_table(intro_text: str, new_table: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="rewrite the table in book/intro.md")
-    mode.add_argument("--check", action="store_true", help="exit 1 if book/intro.md's table is out of date")
+    mode.add_argument("--write", action="store_true", help="rewrite the table in book/provenance.md")
+    mode.add_argument("--check", action="store_true", help="exit 1 if book/provenance.md's table is out of date")
     args = parser.parse_args(argv)
     new = table()
     text = INTRO.read_text(encoding="utf-8")
@@ -104,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     elif args.check:
         if stored_table(text) != new:
             print(
-                "book/intro.md's table disagrees with the notebooks' metadata: run "
+                "book/provenance.md's table disagrees with the notebooks' metadata: run "
                 "`python scripts/landing_table.py --write`.",
                 file=sys.stderr,
             )
             return 1
-        print("book/intro.md's table matches the notebooks' metadata")
+        print("book/provenance.md's table matches the notebooks' metadata")
     else:
         print(new)
     return 0

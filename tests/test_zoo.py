@@ -139,9 +139,9 @@ def test_the_notation_page_defines_the_books_core_symbols(symbol):
 
 
 def test_the_landing_table_matches_every_notebooks_metadata():
-    stored = landing_table.stored_table((BOOK / "intro.md").read_text(encoding="utf-8"))
+    stored = landing_table.stored_table((BOOK / "provenance.md").read_text(encoding="utf-8"))
     assert stored == landing_table.table(), (
-        "book/intro.md's table of what each chapter was run on is out of date: "
+        "book/provenance.md's table of what each chapter was run on is out of date: "
         "run `python scripts/landing_table.py --write`"
     )
 
@@ -231,3 +231,25 @@ def test_the_marker_converter_moves_a_marker_into_the_tag_nbval_reads(tmp_path):
     cell = nbformat.read(path, as_version=4).cells[0]
     assert cell.source == "print(1)" and cell.metadata["tags"] == ["nbval-check-output"]
     assert nbval_tags.convert(str(path)) == 0  # nothing left to move
+
+
+def _bibliography_labels() -> list[str]:
+    sys.path.insert(0, str(BOOK / "_ext"))
+    import authoryear
+    from pybtex.database import parse_file
+    from pybtex.plugin import find_plugin
+
+    authoryear.setup(None)
+    style = find_plugin("pybtex.style.formatting", "authoryear")()
+    return [e.label for e in style.format_bibliography(parse_file(BOOK / "references.bib")).entries]
+
+
+def test_bibliography_labels_are_author_year_as_the_text_cites_and_tell_same_year_works_apart():
+    labels = _bibliography_labels()
+    assert len(labels) == len(set(labels)), "two entries with one label"
+    pattern = re.compile(r"^[^\W\d][^,\\{}]*( and [^,]+| et al\.)?, (\d{4})[a-z]?$")
+    assert all(pattern.match(label) for label in labels), [x for x in labels if not pattern.match(x)]
+    assert "Gutmann and Hyvärinen, 2010" in labels  # two authors, a TeX accent decoded
+    assert {"Chen et al., 2020a", "Chen et al., 2020b"} <= set(labels)  # SimCLR and MoCo v2
+    assert "Chen et al., 2020" not in labels  # the ambiguous label is never left as it is
+    assert not any(label.startswith("[") or label.isdigit() for label in labels)  # not plain's numbers

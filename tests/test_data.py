@@ -135,6 +135,7 @@ def test_unofficial_copy_warns_exactly_once_and_says_so_in_source(tmp_path):
         ds = data.load_cifar10(tmp_path, download=False)
     user = [w for w in caught if issubclass(w.category, UserWarning)]
     assert len(user) == 1 and "not the official" in str(user[0].message)
+    assert issubclass(user[0].category, data.UnofficialCopyWarning)  # its own category, to silence alone
     assert ds.source.startswith("not the official copy") and str(tmp_path) in ds.source
 
 

@@ -261,10 +261,19 @@ def _not_found(what: str, where: Path, url: str, then: str, error: Exception | N
     )
 
 
+class UnofficialCopyWarning(UserWarning):
+    """A data set found on disk whose checksums differ from the official files', loaded anyway.
+
+    Its own category, so that a notebook which states its data source in its banner (the
+    `source` line this loader returns) can silence the repeat without silencing other warnings:
+    `warnings.simplefilter("ignore", UnofficialCopyWarning)`.
+    """
+
+
 def _unofficial(what: str, where: Path, detail: str = "") -> str:
     """Warn once that a copy is not the official one; return the `source` line saying so."""
     message = f"{where} is not the official {what} copy (md5 differs{detail}); loading it anyway."
-    warnings.warn(message, UserWarning, stacklevel=3)
+    warnings.warn(message, UnofficialCopyWarning, stacklevel=3)
     return f"not the official copy (md5 differs) in {where}"
 
 

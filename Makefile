@@ -52,8 +52,8 @@ execute: $(STAMP)
 ## Lint and formatting (ruff); CI runs it before the tests.
 lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff
-	$(BIN)/ruff check src tests scripts benchmarks
-	$(BIN)/ruff format --check src tests scripts benchmarks
+	$(BIN)/ruff check src tests scripts benchmarks book/_ext
+	$(BIN)/ruff format --check src tests scripts benchmarks book/_ext
 
 bench: $(STAMP)
 	$(BIN)/python -m contrastive bench augment

@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="rewrite the table in book/provenance.md")
-    mode.add_argument("--check", action="store_true", help="exit 1 if book/provenance.md's table is out of date")
+    mode.add_argument(
+        "--check", action="store_true", help="exit 1 if book/provenance.md's table is out of date"
+    )
     args = parser.parse_args(argv)
     new = table()
     text = INTRO.read_text(encoding="utf-8")

@@ -331,3 +331,49 @@ def test_the_command_line_sets_the_profile_fields_a_sweep_varies(tmp_path, monke
         1e-4,
         0.5,
     )
+
+
+class _TwoRates(torch.nn.Module):
+    """A stand-in method with a body at the run's rate, a head at ten times it, and a constant-rate part."""
+
+    lr_scale, adamw_weight_decay = 1.0, None
+
+    def __init__(self, groups=None):
+        super().__init__()
+        self.body, self.head, self.pred = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        self._groups = groups
+
+    def parameter_groups(self):
+        if self._groups is not None:
+            return self._groups
+        return [
+            {"params": list(self.body.parameters())},
+            {"params": list(self.head.parameters()), "lr_scale": 10.0},
+            {"params": list(self.pred.parameters()), "constant_lr": True},
+        ]
+
+
+def test_each_parameter_group_gets_its_rate_the_constant_one_keeps_the_peak_through_warmup_and_decay():
+    model = _TwoRates()
+    profile = dataclasses.replace(train_module.get_profile("smoke"), lr=0.4)
+    optimizer, peak = train_module.build_optimizer(model, profile)
+    assert peak == 0.4 and sum(len(g["params"]) for g in optimizer.param_groups) == 6
+
+    def rate_of(module):
+        (group,) = [g for g in optimizer.param_groups if g["params"][0] is module.weight]
+        return group["lr"]
+
+    for lr in (0.01, 0.4, 0.0):  # warm-up, peak, the end of the cosine
+        train_module.set_lr(optimizer, lr)
+        assert rate_of(model.body) == lr and rate_of(model.head) == pytest.approx(10 * lr)
+        assert rate_of(model.pred) == 0.4  # constant: the peak at every step
+    # control: without the groups every parameter follows the schedule
+    plain, _ = train_module.build_optimizer(_TwoRates([{"params": list(_TwoRates().parameters())}]), profile)
+    train_module.set_lr(plain, 0.01)
+    assert {g["lr"] for g in plain.param_groups} == {0.01}
+
+
+def test_a_parameter_group_with_an_unknown_key_is_refused_by_name():
+    model = _TwoRates([{"params": list(_TwoRates().parameters()), "lr_mult": 2.0}])
+    with pytest.raises(ValueError, match="lr_mult"):
+        train_module.build_optimizer(model, train_module.get_profile("smoke"))

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import Counter
 
 import latexcodec  # noqa: F401 - registers the "latex" codec that pybtex itself uses
-
 from pybtex.plugin import register_plugin
 from pybtex.style.formatting.plain import Style as PlainStyle
 from pybtex.style.labels import BaseLabelStyle
@@ -25,7 +24,7 @@ def _surname(person) -> str:
 
 
 def author_year_label(entry) -> str:
-    """"Oord et al., 2018" for three or more authors, "Gutmann and Hyvärinen, 2010" for two."""
+    """ "Oord et al., 2018" for three or more authors, "Gutmann and Hyvärinen, 2010" for two."""
     persons = entry.persons.get("author") or entry.persons.get("editor") or []
     names = [_surname(p) for p in persons]
     if not names:

@@ -109,14 +109,59 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim
     return torch.optim.AdamW(groups, lr=lr)
 
 
+GROUP_KEYS = {"params", "lr_scale", "constant_lr"}
+
+
+def _with_group_rates(optimizer: torch.optim.Optimizer, model: Method, peak_lr: float):
+    """Split the optimiser's groups by the method's `parameter_groups`, each remembering its `lr_scale`
+    and `constant_lr`, so that `set_lr` can give every group its own rate."""
+    owner = {}
+    for group in model.parameter_groups():
+        unknown = set(group) - GROUP_KEYS
+        if unknown:
+            raise ValueError(f"{type(model).__name__}.parameter_groups: unknown keys {sorted(unknown)}")
+        for p in group["params"]:
+            owner[p] = (float(group.get("lr_scale", 1.0)), bool(group.get("constant_lr", False)))
+    groups = []
+    for base in optimizer.param_groups:
+        rates = {}
+        for p in base["params"]:
+            rates.setdefault(owner.get(p, (1.0, False)), []).append(p)
+        for (scale, constant), params in rates.items():
+            extra = {k: v for k, v in base.items() if k != "params"}
+            groups.append(
+                {**extra, "params": params, "lr_scale": scale, "constant_lr": constant, "peak_lr": peak_lr}
+            )
+    optimizer.param_groups.clear()
+    for group in groups:
+        optimizer.param_groups.append(group)
+    set_lr(optimizer, peak_lr)
+    return optimizer
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's rate for this step: the scheduled `lr` times the group's `lr_scale`, or the run's
+    peak rate times it where the method asked for a constant rate."""
+    for group in optimizer.param_groups:
+        rate = group["peak_lr"] if group.get("constant_lr", False) else lr
+        group["lr"] = rate * group.get("lr_scale", 1.0)
+
+
 def build_optimizer(model: Method, profile: Profile) -> tuple[torch.optim.Optimizer, float]:
     """The method's optimiser and peak learning rate: the profile's (SimCLR's) rate times the method's
-    `lr_scale`; AdamW for methods that set `adamw_weight_decay` (ViTs, CLIP), else SGD with momentum."""
+    `lr_scale`; AdamW for methods that set `adamw_weight_decay` (ViTs, CLIP), else SGD with momentum.
+    Each of the method's `parameter_groups` gets its own rate (`set_lr`)."""
     peak_lr = profile.lr * model.lr_scale
     if model.adamw_weight_decay is not None:  # as in the MoCo v3, DINO and CLIP papers
-        return adamw(model, peak_lr, model.adamw_weight_decay), peak_lr
-    sgd = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, weight_decay=profile.weight_decay)
-    return sgd, peak_lr
+        optimizer = adamw(model, peak_lr, model.adamw_weight_decay)
+    else:
+        optimizer = torch.optim.SGD(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=peak_lr,
+            momentum=0.9,
+            weight_decay=profile.weight_decay,
+        )
+    return _with_group_rates(optimizer, model, peak_lr), peak_lr
 
 
 def checkpoint_paths(out_dir: Path) -> list[Path]:
@@ -278,8 +323,7 @@ def train_step(
     wrapper, when given), backward, update, then the method's `on_step_end`. Returns the loss, detached,
     on its device. With `check`, a NaN or infinite loss raises `NonFiniteLossError` before the update
     (reading the loss, which makes the host wait for a GPU)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(optimizer, lr)
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=use_amp):
         loss = (model if runner is None else runner)(images, indices)
     if check and not torch.isfinite(loss).item():

@@ -97,6 +97,12 @@ class Method(nn.Module):
         """The training step: uint8 images (B, C, H, W) and their dataset indices -> the loss."""
         raise NotImplementedError(f"{type(self).__name__} must define forward(images, indices)")
 
+    def parameter_groups(self) -> list[dict]:
+        """The optimiser's groups of trainable parameters: dicts of `params` and, optionally, `lr_scale`
+        (times the run's rate at every step) and `constant_lr` (True: the peak rate at every step, no
+        warm-up and no decay, as SimSiam's predictor). One group of everything by default."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
     def setup(self, train_images: torch.Tensor, train_labels: torch.Tensor, batch_size: int = 1000) -> None:
         """Per-image state built before training (a memory bank, captions); nothing by default."""
 

@@ -7,8 +7,9 @@ D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2 with D the negative cosine,
 branch is a constant. The paper reads this as alternating optimisation: the
 targets eta_x are held fixed while the network moves towards them.
 
-Two ablations: `stop_gradient=False` lets the gradient through both branches,
-and `predictor=False` replaces h by the identity; the paper reports collapse
+`constant_predictor_lr=True` keeps the predictor at the peak learning rate while the
+rest decays, as the paper trains it. Two ablations: `stop_gradient=False` lets the
+gradient through both branches, and `predictor=False` replaces h by the identity; the paper reports collapse
 for both. Each view goes through the network on its own, as in the paper's code.
 
 `output_std` is measured on z, after the projector's last BN (affine-free, as in
@@ -41,6 +42,7 @@ class SimSiam(Method):
         pred_hidden_dim: int = 128,
         stop_gradient: bool = True,
         predictor: bool = True,
+        constant_predictor_lr: bool = False,
         recipe: Recipe = SIMCLR_CIFAR,
     ):
         super().__init__()
@@ -51,6 +53,18 @@ class SimSiam(Method):
         self.projector = projection_mlp(self.backbone.out_dim, proj_dim, proj_dim, num_layers=3, last_bn=True)
         self.predictor = projection_mlp(proj_dim, pred_hidden_dim, proj_dim) if predictor else nn.Identity()
         self.stop_gradient, self.recipe = stop_gradient, recipe
+        self.constant_predictor_lr = constant_predictor_lr
+
+    def parameter_groups(self) -> list[dict]:
+        """With `constant_predictor_lr`, the paper's choice: the predictor keeps the peak rate while the
+        rest follows the schedule (its Sec. 4, "the predictor h ... with a constant lr")."""
+        if not self.constant_predictor_lr:
+            return super().parameter_groups()
+        head = set(self.predictor.parameters())
+        return [
+            {"params": [p for p in self.parameters() if p not in head]},
+            {"params": list(self.predictor.parameters()), "constant_lr": True},
+        ]
 
     def objective(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         """Projections (N, D) of the two views -> D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2, p = h(z)."""

@@ -247,7 +247,7 @@ def diagram(height):
 
 @diagram(2.5)
 def instdisc(ax):
-    items = [(0.3, "x", "data"), (1.35, "encoder f", "encoder"), (2.75, "linear,\n128-d, ‖·‖", "head")]
+    items = [(0.3, "x", "data"), (1.35, "encoder f", "encoder"), (2.75, "linear + BN,\n128-d, ‖·‖", "head")]
     x, enc, head, score = row(ax, 1.85, [*items, (4.4, "scores\nvᵀvⱼ / τ", "op")], [None, None, "v"])
     loss = box(ax, 6.2, 1.85, "NCE\nm noise samples", "loss")
     arrow(ax, score.E(), loss.W())
@@ -268,7 +268,7 @@ def cpc(ax):
     z = grid(ax, 3.35, 1.45, 3, 0.4, colour, lambda i, j: ["zₜ", "zₜ₊₁", "zₜ₊₂"][i])
     note(ax, 3.35, z.S()[1] - GAP, "z per patch", va="top")
     arrow(ax, enc.E(), z.W())
-    gru = box(ax, 4.75, 2.45, "GRU down\neach column", "op")
+    gru = box(ax, 4.75, 2.45, "GRU down\neach column", "head")
     pred = box(ax, 6.25, 2.45, "Wₖ cₜ\nk = 1, 2", "predictor")
     arrow(ax, z.N(), (z.x, gru.y), gru.W())
     arrow(ax, gru.E(), pred.W(), label="cₜ")

@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.profile:
         os.environ["CONTRASTIVE_PROFILE"] = args.profile
+    # A page shows one line per epoch; a progress bar is for a reader watching a run, not for a page.
+    os.environ["CONTRASTIVE_PROGRESS"] = "0"
 
     from contrastive.profiles import get_profile
     from contrastive.runinfo import device_description, git_commit

@@ -253,3 +253,19 @@ def test_bibliography_labels_are_author_year_as_the_text_cites_and_tell_same_yea
     assert {"Chen et al., 2020a", "Chen et al., 2020b"} <= set(labels)  # SimCLR and MoCo v2
     assert "Chen et al., 2020" not in labels  # the ambiguous label is never left as it is
     assert not any(label.startswith("[") or label.isdigit() for label in labels)  # not plain's numbers
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_stored_outputs_hold_no_warning_and_no_progress_bar(path):
+    """A page shows results: the data copy is named in the banner and on the provenance page, and
+    the epochs are one line each (scripts/execute_notebooks.py turns the bars off)."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    found = []
+    for i, cell in enumerate(nb["cells"]):
+        for out in cell.get("outputs", []):
+            text = "".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", ""))
+            if re.search(
+                r"\w+Warning\b|\d+%\|", text
+            ) or "application/vnd.jupyter.widget-view+json" in out.get("data", {}):
+                found.append(i)
+    assert not found, f"{path.name}: cells {found} store a warning or a progress bar"

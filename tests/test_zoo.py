@@ -269,3 +269,21 @@ def test_stored_outputs_hold_no_warning_and_no_progress_bar(path):
             ) or "application/vnd.jupyter.widget-view+json" in out.get("data", {}):
                 found.append(i)
     assert not found, f"{path.name}: cells {found} store a warning or a progress bar"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_figure_code_is_folded_and_checks_stay_in_view(path):
+    """A cell that only draws a figure shows its figure with its code behind a toggle (`hide-input`);
+    a cell that asserts is never folded, so the reader sees what is verified."""
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        source, tags = "".join(cell["source"]), cell["metadata"].get("tags", [])
+        draws = any("image/png" in out.get("data", {}) for out in cell.get("outputs", []))
+        plotting = len(re.findall(r"\b(plt|ax|axes|fig)\b[.\[]", source)) >= 2
+        asserts = re.search(r"^\s*assert", source, re.M)
+        if asserts:
+            assert "hide-input" not in tags, f"{path.name} cell {i}: a check is folded away"
+        elif draws and plotting and "train(" not in source and "load_cifar10" not in source:
+            assert "hide-input" in tags, f"{path.name} cell {i}: a figure's code is in view"

@@ -1,0 +1,57 @@
+"""Results tables that a notebook renders as tables and a terminal prints as aligned text.
+
+A chapter's results are rows of already formatted cells ("49.2%", "259 s"); `Table`
+holds them with their column names. As the last expression of a notebook cell it is
+shown as a Markdown table (the book renders it as an HTML table that wraps to the
+column on a phone); `print(table)` gives aligned plain text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class Table:
+    """Rows of formatted cells under named columns; `align`: "l" or "r" each (default: "lrr...")."""
+
+    def __init__(
+        self,
+        columns: Sequence[str],
+        rows: Sequence[Sequence[object]],
+        align: str | None = None,
+        caption: str = "",
+    ):
+        self.columns = [str(c) for c in columns]
+        self.rows = [[str(cell) for cell in row] for row in rows]
+        width = len(self.columns)
+        if width == 0:
+            raise ValueError("a table needs at least one column")
+        short = [i for i, row in enumerate(self.rows) if len(row) != width]
+        if short:
+            raise ValueError(f"rows {short} do not have {width} cells, one per column {self.columns}")
+        self.align = align or "l" + "r" * (width - 1)
+        if len(self.align) != width or set(self.align) - {"l", "r"}:
+            raise ValueError(f"align must be {width} letters l or r, got {self.align!r}")
+        self.caption = caption
+
+    def _repr_markdown_(self) -> str:
+        def line(cells):
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+        rule = "| " + " | ".join("---:" if a == "r" else ":---" for a in self.align) + " |"
+        head = [f"**{self.caption}**", ""] if self.caption else []
+        return "\n".join([*head, line(self.columns), rule, *(line(r) for r in self.rows)]) + "\n"
+
+    def __str__(self) -> str:
+        widths = [max(len(r[i]) for r in [self.columns, *self.rows]) for i in range(len(self.columns))]
+
+        def line(cells):
+            return "  ".join(
+                c.rjust(w) if a == "r" else c.ljust(w) for c, w, a in zip(cells, widths, self.align)
+            )
+
+        head = [self.caption] if self.caption else []
+        return "\n".join([*head, line(self.columns), *(line(r) for r in self.rows)]).rstrip()
+
+    def __repr__(self) -> str:
+        return str(self)

@@ -54,6 +54,7 @@ lint: $(STAMP)
 	$(BIN)/python -m pip install --quiet ruff
 	$(BIN)/ruff check src tests scripts benchmarks book/_ext
 	$(BIN)/ruff format --check src tests scripts benchmarks book/_ext
+	$(BIN)/ruff format --check --line-length 88 book/*.ipynb  # code cells wrapped to the page's column
 
 bench: $(STAMP)
 	$(BIN)/python -m contrastive bench augment

@@ -39,7 +39,9 @@ TIMELINE = [
 
 
 def color(method: str) -> str:
-    return METHOD_COLORS.get(method.lower().replace(" ", ""), "#333333")
+    """The method's colour ("MoCo v2" and "mocov2" alike; "random init" too), dark grey if unknown."""
+    key = method.lower()
+    return METHOD_COLORS.get(key) or METHOD_COLORS.get(key.replace(" ", ""), "#333333")
 
 
 def timeline_figure():

@@ -52,13 +52,12 @@ def timeline_svg() -> str:
     with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": "contrastive-timeline"}):
         fig = timeline_figure()
         ax = fig.axes[0]
-        # The page shows the SVG at the width of its text column, about 750 px for 11 inches, where
-        # the notebook's 8 pt labels would be 7 px tall: larger type, and a little more height for it.
+        # The page shows the SVG at most 560 px wide (the whole column on a phone): 11 pt labels
+        # stay about 9 px tall at a phone's 390 px.
         for text in ax.texts:
-            text.set_fontsize(10)
-        ax.title.set_fontsize(13)
-        ax.tick_params(labelsize=11)
-        fig.set_size_inches(11, 4.6)
+            text.set_fontsize(11 if text.get_fontweight() == "normal" else 12)
+        ax.title.set_fontsize(12)
+        fig.set_size_inches(5.6, 7.8)
         fig.tight_layout()
         # timeline_figure draws, per method in TIMELINE order, one stem (a line), one marker
         # (a scatter collection) and one label whose first line is the method's name.
@@ -72,11 +71,11 @@ def timeline_svg() -> str:
         plt.close(fig)
     svg = buffer.getvalue()
     svg = svg[svg.index("<svg") :]  # no XML prolog or DOCTYPE inside an HTML page
-    # Scale with the page instead of a fixed size in points (the viewBox keeps the proportions), but
-    # not below 640 px: on a phone the landing page's scrolling box around it then scrolls sideways.
+    # Scale with the page instead of a fixed size in points (the viewBox keeps the proportions), up
+    # to 560 px: a vertical map that fits a phone's column without scrolling sideways.
     svg = re.sub(
         r'<svg([^>]*?) width="[^"]+" height="[^"]+"',
-        r'<svg\1 width="100%" style="height: auto; min-width: 640px"',
+        r'<svg\1 width="100%" style="height: auto; max-width: 560px"',
         svg,
         count=1,
     )

@@ -45,35 +45,31 @@ def color(method: str) -> str:
 
 
 def timeline_figure():
-    """The book's map: the twelve methods on one time axis."""
-    fig, ax = plt.subplots(figsize=(11, 4.2))
-    heights = (1.0, -1.0, 2.2, -2.2)  # neighbours alternate sides and levels, so labels never overlap
-    per_year: dict[int, int] = {}
+    """The book's map: the twelve methods down one time axis, each with the idea it added.
+
+    Vertical, so that it reads at the width of a page and of a phone alike. Per method, in
+    TIMELINE order: one stem (a line), one marker (a scatter collection) and one label whose
+    first line is the method's name (scripts/make_timeline.py links all three to the chapter).
+    """
+    fig, ax = plt.subplots(figsize=(5.6, 7.2))
+    n = len(TIMELINE)
+    ax.plot([0, 0], [0.4, n + 0.2], color="black", lw=0.8)  # the time axis, 2018 at the top
+    seen_years = set()
     for i, (year, name, idea) in enumerate(TIMELINE):
-        k = per_year.get(year, 0)
-        per_year[year] = k + 1
-        x, y = year + 0.25 * k, heights[i % len(heights)]
+        y = n - i
         c = color(name.replace(" v1", ""))
-        ax.plot([x, x], [0, y], color=c, lw=1.5)
-        ax.scatter([x], [0], color=c, zorder=3, s=40)
-        label = f"{name}\n" + "\n".join(textwrap.wrap(idea, 18))
-        ax.text(
-            x,
-            y + (0.08 if y > 0 else -0.08),
-            label,
-            ha="center",
-            va="bottom" if y > 0 else "top",
-            fontsize=8,
-            color="black",
-        )
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xlim(2017.8, 2021.9)
-    ax.set_ylim(-3.6, 3.6)
-    ax.set_xticks([2018, 2019, 2020, 2021])
-    ax.set_yticks([])
-    for side in ("left", "right", "top"):
-        ax.spines[side].set_visible(False)
-    ax.set_title("Contrastive and self-supervised learning in vision, 2018 to 2021")
+        ax.plot([0, 0.35], [y, y], color=c, lw=1.5)
+        ax.scatter([0], [y], color=c, zorder=3, s=40)
+        ax.text(0.45, y, f"{name}\n{idea}", ha="left", va="center", fontsize=9, linespacing=1.15)
+        if year not in seen_years:
+            seen_years.add(year)
+            ax.text(-0.2, y, str(year), ha="right", va="center", fontsize=10, fontweight="bold")
+            if i:
+                ax.axhline(y + 0.5, xmin=0.02, xmax=0.98, color="#dddddd", lw=0.8, zorder=0)
+    ax.set_xlim(-1.1, 4.2)
+    ax.set_ylim(0.3, n + 0.7)
+    ax.axis("off")
+    ax.set_title("Contrastive and self-supervised learning in vision, 2018 to 2021", fontsize=10)
     fig.tight_layout()
     return fig
 

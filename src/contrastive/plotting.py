@@ -88,3 +88,26 @@ def plot_run(metrics: list[dict], summary: dict, label: str | None = None):
     ax_knn.legend()
     fig.tight_layout()
     return fig
+
+
+def image_grid(rows, width: float = 7.0):
+    """Rows of images, each row (label, images (N, C, H, W) in [0, 1]), drawn large enough to see.
+
+    Pixels are shown as pixels (no smoothing), one gray channel in gray, with the label
+    over the row's first image; every row has as many columns as the longest.
+    """
+    columns = max(len(images) for _, images in rows)
+    side = width / columns
+    fig, axes = plt.subplots(
+        len(rows), columns, figsize=(width, side * len(rows) * 1.18), squeeze=False
+    )
+    for (label, images), line in zip(rows, axes):
+        for ax, image in zip(line, list(images) + [None] * (columns - len(images))):
+            ax.axis("off")
+            if image is None:
+                continue
+            pixels = image.detach().float().clamp(0, 1).permute(1, 2, 0).squeeze(-1).cpu().numpy()
+            ax.imshow(pixels, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        line[0].set_title(label, fontsize=10, loc="left")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, wspace=0.06, hspace=0.28)
+    return fig

@@ -377,3 +377,20 @@ def test_a_parameter_group_with_an_unknown_key_is_refused_by_name():
     model = _TwoRates([{"params": list(_TwoRates().parameters()), "lr_mult": 2.0}])
     with pytest.raises(ValueError, match="lr_mult"):
         train_module.build_optimizer(model, train_module.get_profile("smoke"))
+
+
+def test_simsiam_and_byol_put_their_predictor_in_its_own_group_only_when_asked():
+    from contrastive.methods import build_method
+
+    plain = build_method("simsiam", "convnet_tiny", 0)
+    assert len(plain.parameter_groups()) == 1  # the paper's ablation settings: one rate for everything
+    fast = build_method("simsiam", "convnet_tiny", 0, predictor_lr_scale=10.0, constant_predictor_lr=True)
+    rest, head = fast.parameter_groups()
+    assert head["lr_scale"] == 10.0 and head["constant_lr"] and len(head["params"]) == len(
+        list(fast.predictor.parameters())
+    )
+    byol = build_method("byol", "convnet_tiny", 0, predictor_lr_scale=10.0)
+    trained = {id(p) for g in byol.parameter_groups() for p in g["params"]}
+    assert trained.isdisjoint(id(p) for p in byol.target.parameters())  # the target gets no gradient step
+    with pytest.raises(ValueError, match="predictor_lr_scale"):
+        build_method("simsiam", "convnet_tiny", 0, predictor_lr_scale=0.0)

@@ -98,9 +98,7 @@ def image_grid(rows, width: float = 7.0):
     """
     columns = max(len(images) for _, images in rows)
     side = width / columns
-    fig, axes = plt.subplots(
-        len(rows), columns, figsize=(width, side * len(rows) * 1.18), squeeze=False
-    )
+    fig, axes = plt.subplots(len(rows), columns, figsize=(width, side * len(rows) * 1.18), squeeze=False)
     for (label, images), line in zip(rows, axes):
         for ax, image in zip(line, list(images) + [None] * (columns - len(images))):
             ax.axis("off")

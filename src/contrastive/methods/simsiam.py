@@ -8,9 +8,10 @@ branch is a constant. The paper reads this as alternating optimisation: the
 targets eta_x are held fixed while the network moves towards them.
 
 `constant_predictor_lr=True` keeps the predictor at the peak learning rate while the
-rest decays, as the paper trains it. Two ablations: `stop_gradient=False` lets the
-gradient through both branches, and `predictor=False` replaces h by the identity; the paper reports collapse
-for both. Each view goes through the network on its own, as in the paper's code.
+rest decays, as the paper trains it; `predictor_lr_scale` multiplies its rate. Two
+ablations: `stop_gradient=False` lets the gradient through both branches, and
+`predictor=False` replaces h by the identity; the paper reports collapse for both.
+Each view goes through the network on its own, as in the paper's code.
 
 `output_std` is measured on z, after the projector's last BN (affine-free, as in
 the paper), and `prediction_std` on p. That BN gives every dimension of z zero
@@ -43,6 +44,7 @@ class SimSiam(Method):
         stop_gradient: bool = True,
         predictor: bool = True,
         constant_predictor_lr: bool = False,
+        predictor_lr_scale: float = 1.0,
         recipe: Recipe = SIMCLR_CIFAR,
     ):
         super().__init__()
@@ -53,17 +55,23 @@ class SimSiam(Method):
         self.projector = projection_mlp(self.backbone.out_dim, proj_dim, proj_dim, num_layers=3, last_bn=True)
         self.predictor = projection_mlp(proj_dim, pred_hidden_dim, proj_dim) if predictor else nn.Identity()
         self.stop_gradient, self.recipe = stop_gradient, recipe
-        self.constant_predictor_lr = constant_predictor_lr
+        if not predictor_lr_scale > 0:
+            raise ValueError(f"predictor_lr_scale must be positive, got {predictor_lr_scale!r}")
+        self.constant_predictor_lr, self.predictor_lr_scale = constant_predictor_lr, float(predictor_lr_scale)
 
     def parameter_groups(self) -> list[dict]:
-        """With `constant_predictor_lr`, the paper's choice: the predictor keeps the peak rate while the
-        rest follows the schedule (its Sec. 4, "the predictor h ... with a constant lr")."""
-        if not self.constant_predictor_lr:
-            return super().parameter_groups()
+        """The predictor at `predictor_lr_scale` times the rate, and with `constant_predictor_lr` at the
+        peak rate throughout, as the paper trains it (its Sec. 4); the rest follows the schedule."""
         head = set(self.predictor.parameters())
+        if not head or (not self.constant_predictor_lr and self.predictor_lr_scale == 1.0):
+            return super().parameter_groups()
         return [
             {"params": [p for p in self.parameters() if p not in head]},
-            {"params": list(self.predictor.parameters()), "constant_lr": True},
+            {
+                "params": list(self.predictor.parameters()),
+                "lr_scale": self.predictor_lr_scale,
+                "constant_lr": self.constant_predictor_lr,
+            },
         ]
 
     def objective(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:

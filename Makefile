@@ -51,7 +51,7 @@ execute: $(STAMP)
 
 ## Lint and formatting (ruff); CI runs it before the tests.
 lint: $(STAMP)
-	$(BIN)/python -m pip install --quiet ruff
+	$(BIN)/python -m pip install --quiet ruff==0.17.6  # pinned: another version may format differently
 	$(BIN)/ruff check src tests scripts benchmarks book/_ext
 	$(BIN)/ruff format --check src tests scripts benchmarks book/_ext
 	$(BIN)/ruff format --check --line-length 88 book/*.ipynb  # code cells wrapped to the page's column

@@ -386,8 +386,10 @@ def test_simsiam_and_byol_put_their_predictor_in_its_own_group_only_when_asked()
     assert len(plain.parameter_groups()) == 1  # the paper's ablation settings: one rate for everything
     fast = build_method("simsiam", "convnet_tiny", 0, predictor_lr_scale=10.0, constant_predictor_lr=True)
     rest, head = fast.parameter_groups()
-    assert head["lr_scale"] == 10.0 and head["constant_lr"] and len(head["params"]) == len(
-        list(fast.predictor.parameters())
+    assert (
+        head["lr_scale"] == 10.0
+        and head["constant_lr"]
+        and len(head["params"]) == len(list(fast.predictor.parameters()))
     )
     byol = build_method("byol", "convnet_tiny", 0, predictor_lr_scale=10.0)
     trained = {id(p) for g in byol.parameter_groups() for p in g["params"]}

@@ -391,6 +391,7 @@ def test_simsiam_and_byol_put_their_predictor_in_its_own_group_only_when_asked()
         and head["constant_lr"]
         and len(head["params"]) == len(list(fast.predictor.parameters()))
     )
+    assert len(build_method("byol", "convnet_tiny", 0).parameter_groups()) == 1  # default: as before
     byol = build_method("byol", "convnet_tiny", 0, predictor_lr_scale=10.0)
     trained = {id(p) for g in byol.parameter_groups() for p in g["params"]}
     assert trained.isdisjoint(id(p) for p in byol.target.parameters())  # the target gets no gradient step

@@ -103,6 +103,16 @@ class Method(nn.Module):
         warm-up and no decay, as SimSiam's predictor). One group of everything by default."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
+    def groups_apart(self, module: nn.Module, lr_scale: float = 1.0, constant_lr: bool = False) -> list[dict]:
+        """`parameter_groups` with `module` (a predictor) at its own rate, or one group when it asks for
+        none, so that a method's default run is built exactly as without the option."""
+        own = list(module.parameters())
+        if not own or (lr_scale == 1.0 and not constant_lr):
+            return Method.parameter_groups(self)
+        ids = {id(p) for p in own}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [{"params": rest}, {"params": own, "lr_scale": lr_scale, "constant_lr": constant_lr}]
+
     def setup(self, train_images: torch.Tensor, train_labels: torch.Tensor, batch_size: int = 1000) -> None:
         """Per-image state built before training (a memory bank, captions); nothing by default."""
 

@@ -67,9 +67,7 @@ class BYOL(Method):
     def parameter_groups(self) -> list[dict]:
         """The predictor at `predictor_lr_scale` times the run's rate (1: the paper's single rate); a faster
         predictor tracks the projection's current correlations sooner (Tian et al. 2021)."""
-        head = set(self.predictor.parameters())
-        rest = [p for p in self.parameters() if p.requires_grad and p not in head]
-        return [{"params": rest}, {"params": list(head), "lr_scale": self.predictor_lr_scale}]
+        return self.groups_apart(self.predictor, self.predictor_lr_scale)
 
     def _online_parameters(self) -> list[torch.Tensor]:
         """The online backbone and projector's parameters, in the target's order."""

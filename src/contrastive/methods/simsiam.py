@@ -62,17 +62,7 @@ class SimSiam(Method):
     def parameter_groups(self) -> list[dict]:
         """The predictor at `predictor_lr_scale` times the rate, and with `constant_predictor_lr` at the
         peak rate throughout, as the paper trains it (its Sec. 4); the rest follows the schedule."""
-        head = set(self.predictor.parameters())
-        if not head or (not self.constant_predictor_lr and self.predictor_lr_scale == 1.0):
-            return super().parameter_groups()
-        return [
-            {"params": [p for p in self.parameters() if p not in head]},
-            {
-                "params": list(self.predictor.parameters()),
-                "lr_scale": self.predictor_lr_scale,
-                "constant_lr": self.constant_predictor_lr,
-            },
-        ]
+        return self.groups_apart(self.predictor, self.predictor_lr_scale, self.constant_predictor_lr)
 
     def objective(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         """Projections (N, D) of the two views -> D(p1, sg(z2)) / 2 + D(p2, sg(z1)) / 2, p = h(z)."""

@@ -397,3 +397,42 @@ def test_simsiam_and_byol_put_their_predictor_in_its_own_group_only_when_asked()
     assert trained.isdisjoint(id(p) for p in byol.target.parameters())  # the target gets no gradient step
     with pytest.raises(ValueError, match="predictor_lr_scale"):
         build_method("simsiam", "convnet_tiny", 0, predictor_lr_scale=0.0)
+
+
+def test_a_method_trains_with_its_tuned_cpu_settings_unless_the_caller_fixes_them():
+    from contrastive.methods import METHODS
+
+    cpu = train_module.get_profile("cpu")
+    profile, method_options, stored = train_module._checked("byol", cpu, None, None, False)
+    assert (profile.batch_size, profile.lr, method_options) == (128, 1.0, {"predictor_lr_scale": 30.0})
+    assert stored == {"predictor_lr_scale": 30.0}  # the checkpoint and summary record what was used
+    # what a caller sets by name wins: a sweep's rate, an option given
+    fixed = train_module.get_profile("cpu", lr=0.3)
+    profile, method_options, _ = train_module._checked("byol", fixed, 4, {"predictor_lr_scale": 1.0}, False)
+    assert (profile.batch_size, profile.lr, profile.epochs, method_options) == (
+        128,
+        0.3,
+        4,
+        {"predictor_lr_scale": 1.0},
+    )
+    # the other profiles keep their settings, and so does a method that tunes nothing (SimCLR)
+    smoke = train_module.get_profile("smoke")
+    assert train_module.tuned(METHODS["byol"], smoke) == (smoke, {})
+    assert train_module.tuned(METHODS["simclr"], cpu) == (cpu, {})
+    # control: without `fixed` the tuned rate would replace the caller's
+    assert train_module.tuned(METHODS["byol"], dataclasses.replace(fixed, fixed=()))[0].lr == 1.0
+
+
+def test_every_tuned_setting_names_a_profile_a_profile_field_and_an_option_of_its_method():
+    from contrastive.methods import METHODS, method_options
+    from contrastive.profiles import PROFILES, Profile
+
+    fields = {f.name for f in dataclasses.fields(Profile)} - {"name", "fixed", "device", "backbone"}
+    tuned = [name for name, cls in METHODS.items() if cls.tuned_settings or cls.tuned_options]
+    assert {"byol", "simsiam"} <= set(tuned)
+    for name in tuned:
+        cls = METHODS[name]
+        for profile, settings in cls.tuned_settings.items():
+            assert profile in PROFILES and set(settings) <= fields, (name, settings)
+        for profile, options in cls.tuned_options.items():
+            assert profile in PROFILES and set(options) <= set(method_options(name)), (name, options)

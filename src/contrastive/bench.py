@@ -238,10 +238,11 @@ def bench_step(
     only); the compilation happens in the untimed warm-up steps."""
     from .methods import check_method
     from .profiles import get_profile
-    from .train import build_model, build_optimizer, train_step
+    from .train import build_model, build_optimizer, train_step, tuned
 
-    check_method(method, options)
+    cls = check_method(method, options)
     prof = get_profile(profile, **({"compile": True} if compile else {}))
+    prof, options = tuned(cls, prof, options)  # the batch and options the method trains with
     device = torch.device(prof.device)
     batch = batch_size or prof.batch_size
     if batch < 2:

@@ -32,6 +32,9 @@ class Profile:
     amp: bool  # bf16 autocast and channels_last (CUDA only)
     compile: bool  # torch.compile the method (CUDA only)
     device: str
+    # Fields a caller set by name (`get_profile(..., lr=...)`, a sweep): a method's own settings for the
+    # profile (`Method.tuned_settings`) leave these as they are.
+    fixed: tuple[str, ...] = ()
 
 
 PROFILES: dict[str, Profile] = {
@@ -89,7 +92,8 @@ PROFILES: dict[str, Profile] = {
 def get_profile(name: str | None = None, **overrides) -> Profile:
     """The profile `name`, else `$CONTRASTIVE_PROFILE`, else `gpu` with CUDA and `cpu` without.
 
-    Keyword arguments replace fields, e.g. `get_profile("cpu", epochs=3)`.
+    Keyword arguments replace fields, e.g. `get_profile("cpu", epochs=3)`, and are kept by every
+    method: they are listed in the profile's `fixed`.
     """
     name = name or os.environ.get("CONTRASTIVE_PROFILE") or None
     if name is None:
@@ -101,10 +105,10 @@ def get_profile(name: str | None = None, **overrides) -> Profile:
     profile = PROFILES[name]
     if profile.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("the gpu profile needs a CUDA device and none is available; use the cpu profile")
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(Profile) if f.name != "fixed"}
     if unknown:
         raise ValueError(f"unknown profile fields {sorted(unknown)}")
-    profile = dataclasses.replace(profile, **overrides)
+    profile = dataclasses.replace(profile, **overrides, fixed=tuple(sorted({*profile.fixed, *overrides})))
     if profile.backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {profile.backbone!r}; choose one of {sorted(BACKBONES)}")
     for field in ("batch_size", "epochs", "eval_batch_size", "knn_every"):

@@ -217,6 +217,17 @@ def build_model(
     return model.to(device or profile.device).to(memory_format=torch.channels_last)
 
 
+def tuned(cls: type[Method], profile: Profile, options: dict | None = None) -> tuple[Profile, dict]:
+    """The profile and options method `cls` runs with: its `tuned_settings` for this profile in place of
+    the profile's fields (not those the caller fixed, `profile.fixed`), its `tuned_options` beneath the
+    caller's `options`."""
+    settings = cls.tuned_settings.get(profile.name, {})
+    settings = {field: value for field, value in settings.items() if field not in profile.fixed}
+    if settings:
+        profile = dataclasses.replace(profile, **settings)
+    return profile, {**cls.tuned_options.get(profile.name, {}), **(options or {})}
+
+
 def scaled_epochs(profile: Profile, model: Method) -> Profile:
     """The profile with the method's `epoch_scale` applied: a costlier step gets fewer epochs (at least
     two, to see a trend)."""
@@ -359,7 +370,7 @@ def train(
     continues from the newest readable checkpoint in `out_dir`.
     """
     started = time.perf_counter()
-    profile, options = _checked(method, profile, epochs, method_options, sync_bn)
+    profile, method_options, options = _checked(method, profile, epochs, method_options, sync_bn)
     out = _prepare_out(out_dir, resume)
     device = distributed.setup() or torch.device(profile.device)
     is_main = distributed.rank() == 0
@@ -440,11 +451,12 @@ def train(
 
 def _checked(
     method: str, profile, epochs: int | None, method_options: dict | None, sync_bn: bool
-) -> tuple[Profile, dict]:
-    """The profile (with `epochs` applied) and the options as stored; refuses, before any data is
-    loaded, an unknown method or option, an option a checkpoint cannot store, or a bad `sync_bn`."""
+) -> tuple[Profile, dict, dict]:
+    """The profile (the method's tuned settings and `epochs` applied), the options (the method's tuned
+    ones beneath those given) and the options as stored; refuses, before any data is loaded, an unknown
+    method or option, an option a checkpoint cannot store, or a bad `sync_bn`."""
     cls = check_method(method, method_options)
-    options = stored_options(method_options)
+    stored_options(method_options)  # refuses an option a checkpoint cannot store, before any data loads
     if sync_bn and not cls.sync_bn_allowed:
         raise ValueError(
             f"sync_bn would undo {method}'s BatchNorm design (MoCo's shuffled BN: its statistics "
@@ -453,11 +465,12 @@ def _checked(
     if sync_bn and not torch.cuda.is_available():
         raise ValueError("sync_bn needs CUDA devices: torch's SyncBatchNorm does not run on CPUs")
     profile = profile if isinstance(profile, Profile) else get_profile(profile)
+    profile, method_options = tuned(cls, profile, method_options)
     if epochs is not None:
         if not epochs >= 1:
             raise ValueError(f"epochs must be at least 1, got {epochs}")
         profile = dataclasses.replace(profile, epochs=epochs)
-    return profile, options
+    return profile, method_options, stored_options(method_options)
 
 
 def _start_or_resume(out: Path | None, model: Method, optimizer, identity: tuple) -> tuple[dict, Path | None]:

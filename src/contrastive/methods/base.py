@@ -28,6 +28,7 @@ plus one line in `methods/__init__.py`'s `METHODS`; `tests/test_contract.py` tra
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -80,6 +81,11 @@ class Method(nn.Module):
     epoch_scale: float = 1.0  # times the profile's epochs: a costlier step gets fewer
     adamw_weight_decay: float | None = None  # set: AdamW with this decay (ViTs, CLIP); None: SGD
     sync_bn_allowed: bool = True  # False where BN statistics over the global batch would undo the method
+    # What the method uses in a named profile in place of the profile's own settings, found by sweeps at
+    # that profile's budget (results/sweeps/): profile fields (`batch_size`, `lr` before `lr_scale`, ...)
+    # that a caller did not fix, and option defaults beneath the caller's options. None by default.
+    tuned_settings: ClassVar[dict[str, dict]] = {}
+    tuned_options: ClassVar[dict[str, dict]] = {}
 
     def __init__(self) -> None:
         super().__init__()

@@ -229,3 +229,40 @@ def test_the_records_script_refuses_an_unknown_run_or_setting(tmp_path):
             timeout=120,
         )
         assert done.returncode != 0 and said in done.stderr, (args, done.stderr)
+
+
+def test_the_records_of_a_run_are_read_by_seed_and_a_missing_or_doubled_one_is_named(tmp_path):
+    from contrastive.bench import mean_and_spread, run_records
+
+    for name, seed in (("byol_cpu", 0), ("byol_cpu_seed2", 2), ("byol_cpu_seed1", 1)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(
+            json.dumps({"seed": seed, "knn_top1": 0.4 + seed / 100})
+        )
+    assert [s["seed"] for s in run_records(tmp_path, "byol")] == [0, 1, 2]
+    with pytest.raises(FileNotFoundError, match="cpu_records.py seeds --runs simsiam"):
+        run_records(tmp_path, "simsiam")
+    (tmp_path / "byol_cpu_seed3").mkdir()
+    (tmp_path / "byol_cpu_seed3" / "summary.json").write_text(json.dumps({"seed": 1}))
+    with pytest.raises(ValueError, match="same seed"):
+        run_records(tmp_path, "byol")
+    mean, spread = mean_and_spread([0.40, 0.41, 0.42])
+    assert abs(mean - 0.41) < 1e-12 and abs(spread - 0.02) < 1e-12
+
+
+def test_the_method_table_averages_the_seeds_and_refuses_seeds_of_another_recipe(tmp_path):
+    import shutil
+
+    (tmp_path / "bench_step_cpu.json").write_text((RESULTS / "bench_step_cpu.json").read_text())
+    shutil.copytree(RESULTS / "simclr_cpu", tmp_path / "simclr_cpu")
+    seed0 = json.loads((RESULTS / "simclr_cpu" / "summary.json").read_text())
+    other = dict(seed0, seed=1, knn_top1=seed0["knn_top1"] + 0.02)
+    (tmp_path / "simclr_cpu_seed1").mkdir()
+    (tmp_path / "simclr_cpu_seed1" / "summary.json").write_text(json.dumps(other))
+    (row,) = load_records(tmp_path, methods=["simclr"])
+    assert row["seeds"] == 2 and abs(row["knn_top1"] - (seed0["knn_top1"] + 0.01)) < 1e-12
+    assert abs(row["knn_top1_spread"] - 0.02) < 1e-12
+    # control: a seed trained at another batch size is not averaged in
+    (tmp_path / "simclr_cpu_seed1" / "summary.json").write_text(json.dumps(dict(other, batch_size=128)))
+    with pytest.raises(ValueError, match="another batch_size"):
+        load_records(tmp_path, methods=["simclr"])

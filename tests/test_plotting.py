@@ -28,3 +28,16 @@ def test_image_grid_draws_every_image_as_pixels_and_pads_short_rows():
     assert drawn[0].get_array().shape == (32, 32, 3) and drawn[-1].get_array().shape == (28, 28)
     assert drawn[0].get_interpolation() == "nearest"
     assert fig.get_figwidth() <= 7.0  # the page's column
+
+
+def test_each_run_of_a_chapter_gets_its_own_colour_and_marker_the_first_its_methods():
+    import pytest
+
+    from contrastive.plotting import run_styles
+
+    styles = run_styles("simsiam", ["SimSiam", "no stop-gradient", "no predictor"])
+    assert styles["SimSiam"]["color"] == color("simsiam")
+    assert len({s["color"] for s in styles.values()}) == 3 == len({s["marker"] for s in styles.values()})
+    assert not {s["color"] for s in styles.values()} - {color("simsiam")} & set(METHOD_COLORS.values())
+    with pytest.raises(ValueError, match="at most"):
+        run_styles("byol", [str(i) for i in range(9)])

@@ -373,10 +373,12 @@ def load_summary(results: str | Path, run: str) -> dict:
 def load_records(
     results: str | Path, profile: str = "cpu", methods: Sequence[str] | None = None
 ) -> list[dict]:
-    """One row per method: its reference run (`results/<method>_<profile>/summary.json`: accuracies, wall
-    time, where it ran) joined with its `bench all` row (`results/bench_step_<profile>.json`: images/s and
-    peak memory, every method on one machine). A method missing from either record is an error naming
-    the file, so a table never silently drops a row."""
+    """One row per method: its reference runs (`results/<method>_<profile>/summary.json`, seed 0, and
+    any `<method>_<profile>_seed<S>/`: accuracies as the mean over seeds with their spread, largest
+    minus smallest, training time, where they ran) joined with its `bench all` row
+    (`results/bench_step_<profile>.json`: images/s and peak memory, every method on one machine). A
+    method missing from either record is an error naming the file, so a table never silently drops a
+    row; seeds trained with other settings are an error too, so a mean never mixes two recipes."""
     import json
 
     from .methods import METHODS
@@ -400,19 +402,39 @@ def load_records(
             )
         if method not in bench:
             raise ValueError(f"{bench_path} has no row for {method}")
-        s, b = json.loads(summary_path.read_text()), bench[method]
-        if s["method"] != method or s["profile"] != profile or b["profile"] != profile:
-            raise ValueError(f"{summary_path} or {bench_path} is not a {method}/{profile} record")
+        seeds, b = run_records(results, method, profile), bench[method]
+        s = seeds[0]
+        for other in seeds:
+            if other["method"] != method or other["profile"] != profile or b["profile"] != profile:
+                raise ValueError(
+                    f"a record of {method} in {results} or {bench_path} is not a {method}/{profile} one"
+                )
+            recipe = ("epochs", "batch_size", "lr", "method_options", "train_images")
+            changed = [k for k in recipe if other.get(k) != s.get(k)]
+            if changed:
+                raise ValueError(
+                    f"{method}'s seed {other['seed']} was trained with another {', '.join(changed)} than "
+                    f"seed {s['seed']}: re-run it (scripts/cpu_records.py seeds)"
+                )
+        knn, knn_spread = mean_and_spread([r["knn_top1"] for r in seeds])
+        linear = [r["linear_top1"] for r in seeds if r.get("linear_top1") is not None]
+        lin, lin_spread = mean_and_spread(linear) if linear else (None, None)
+        inits = [r["linear_top1_random_init"] for r in seeds if r.get("linear_top1_random_init") is not None]
+        lin_init = mean_and_spread(inits)[0] if inits else None
         rows.append(
             {
                 "method": method,
+                "seeds": len(seeds),
                 "epochs": s["epochs"],
-                "knn_top1": s["knn_top1"],
-                "knn_top1_random_init": s["knn_top1_random_init"],
-                "linear_top1": s.get("linear_top1"),
-                "linear_top1_random_init": s.get("linear_top1_random_init"),
-                "train_seconds": s["train_seconds"],
-                "seconds": s["seconds"],
+                "batch_size": s["batch_size"],
+                "knn_top1": knn,
+                "knn_top1_spread": knn_spread,
+                "knn_top1_random_init": mean_and_spread([r["knn_top1_random_init"] for r in seeds])[0],
+                "linear_top1": lin,
+                "linear_top1_spread": lin_spread,
+                "linear_top1_random_init": lin_init,
+                "train_seconds": mean_and_spread([r["train_seconds"] for r in seeds])[0],
+                "seconds": mean_and_spread([r["seconds"] for r in seeds])[0],
                 "run_device": s["device"],
                 "images_per_second": b["images_per_second"],
                 "peak_memory_bytes": b["peak_memory_bytes"],
@@ -420,6 +442,35 @@ def load_records(
             }
         )
     return rows
+
+
+def run_records(results: str | Path, run: str, profile: str = "cpu") -> list[dict]:
+    """Every seed's `summary.json` of one run, by seed: `results/<run>_<profile>/` (seed 0, the reference
+    run) and `results/<run>_<profile>_seed<S>/`. No record at all is an error naming the script that
+    makes them."""
+    import json
+
+    results = Path(results)
+    paths = [results / f"{run}_{profile}" / "summary.json"]
+    paths += sorted(results.glob(f"{run}_{profile}_seed*/summary.json"))
+    found = [json.loads(p.read_text()) for p in paths if p.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"no record of {run} in {results}: run `python scripts/cpu_records.py seeds --runs {run} "
+            "--seeds 0 1 2`"
+        )
+    seeds = [s["seed"] for s in found]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"two records of {run} in {results} have the same seed: {seeds}")
+    return sorted(found, key=lambda s: s["seed"])
+
+
+def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of a few runs and their spread, the largest minus the smallest (0 for one run)."""
+    values = list(values)
+    if not values:
+        raise ValueError("no values")
+    return sum(values) / len(values), max(values) - min(values)
 
 
 def amdahl_speedup(fraction: float, factor: float) -> float:

@@ -42,6 +42,22 @@ def color(method: str) -> str:
     return METHOD_COLORS.get(key) or METHOD_COLORS.get(key.replace(" ", ""), "#333333")
 
 
+# Colours for the other runs of one chapter (ablations, variants): the first run keeps its method's
+# colour, the others take these in turn (colour-blind-safe, none a method's colour), each with its marker.
+VARIANT_COLORS = ("#000000", "#e69f00", "#56b4e9", "#cc79a7", "#009e73")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def run_styles(method: str, names) -> dict[str, dict]:
+    """A distinct colour and marker per run of `method`: plot keywords for each of `names`, the first
+    (the method as published) in the method's colour, the rest in `VARIANT_COLORS`."""
+    names = list(names)
+    if len(names) > 1 + len(VARIANT_COLORS):
+        raise ValueError(f"at most {1 + len(VARIANT_COLORS)} runs get their own colour, got {len(names)}")
+    colours = [color(method), *VARIANT_COLORS]
+    return {name: {"color": colours[i], "marker": MARKERS[i]} for i, name in enumerate(names)}
+
+
 def timeline_figure():
     """The book's map: the twelve methods down one time axis, each with the idea it added.
 

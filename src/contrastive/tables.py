@@ -55,3 +55,55 @@ class Table:
 
     def __repr__(self) -> str:
         return str(self)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def runs_table(summaries: dict[str, dict], caption: str = "") -> Table:
+    """A chapter's closing results: per run (its name -> its `summary.json` or `Run.summary`), the
+    final kNN top-1 and linear probe, each beside the same encoder at random init, and training time."""
+    rows = [
+        [
+            name,
+            _pct(s["knn_top1"]),
+            _pct(s["knn_top1_random_init"]),
+            _pct(s.get("linear_top1")),
+            _pct(s.get("linear_top1_random_init")),
+            f"{s['epochs']}",
+            f"{s['train_seconds'] / 60:.1f} min",
+        ]
+        for name, s in summaries.items()
+    ]
+    columns = ["run", "kNN", "(init)", "linear", "(init)", "epochs", "training"]
+    return Table(columns, rows, caption=caption)
+
+
+def seeds_table(records: dict[str, list[dict]], caption: str = "") -> Table:
+    """Runs over seeds: per run (its name -> the summaries of its seeds, `bench.run_records`), the mean
+    of the final kNN top-1 and of the linear probe with their spread over the seeds (largest minus
+    smallest, in points), the mean gain of kNN over the random-init encoder, and mean training time."""
+    from .bench import mean_and_spread
+
+    rows = []
+    for name, runs in records.items():
+        knn, knn_spread = mean_and_spread([s["knn_top1"] for s in runs])
+        gain, _ = mean_and_spread([s["knn_top1"] - s["knn_top1_random_init"] for s in runs])
+        linear = [s["linear_top1"] for s in runs if s.get("linear_top1") is not None]
+        lin, lin_spread = mean_and_spread(linear) if linear else (None, None)
+        minutes, _ = mean_and_spread([s["train_seconds"] / 60 for s in runs])
+        rows.append(
+            [
+                name,
+                f"{len(runs)}",
+                _pct(knn),
+                f"{100 * knn_spread:.1f}",
+                f"{100 * gain:+.1f}",
+                _pct(lin),
+                "-" if lin_spread is None else f"{100 * lin_spread:.1f}",
+                f"{minutes:.1f} min",
+            ]
+        )
+    columns = ["run", "seeds", "kNN", "spread", "gain", "linear", "spread", "training"]
+    return Table(columns, rows, caption=caption)

@@ -15,13 +15,22 @@ fails, naming the page and the problem, on:
 - a broken image (loaded, but with no pixels);
 - an internal link to a page or an anchor that does not exist;
 - a resource loaded from another host (the book must render offline);
-- a console error (level SEVERE).
+- a console error (level SEVERE);
+- at desktop width (1280 px), a code block, cell output, table or display equation in the article
+  that scrolls sideways inside the column (its content is more than 1 px wider than its box);
+- a PNG figure in a notebook output shown so small that its text is below 9 pt (matplotlib draws it
+  at 10 pt or more at the figure's own size, so a figure shown at under 90% of its pixel width);
+- notebook scaffolding a reader should not see: an nbval marker (`NBVAL_...`) in a cell's input or
+  output, a Python warning line (`UserWarning: ...`) in an output, or a stderr output block;
+- TeX with a doubled backslash before a letter (`\\\\text`, `\\\\approx`: a markdown cell that escaped
+  its backslashes, drawn as the letters "text" after a line break).
 
 Every page is opened again at phone width, where a page that scrolls sideways
 as a whole is reported as a warning (it does not fail the check), and
 screenshots of the landing page and two chapters are saved at desktop and
-phone widths. The link, page and raw-TeX checks are plain functions over files
-and strings, tested in tests/test_check_html.py without a browser.
+phone widths. The link, page, raw-TeX, overflow, figure-text, scaffolding and doubled-backslash
+checks are plain functions over files, strings and what the page's JavaScript measured, tested in
+tests/test_check_html.py without a browser.
 """
 
 from __future__ import annotations
@@ -74,8 +83,32 @@ CONSOLE_ALLOW: list[tuple[re.Pattern[str], str]] = [
     ),
 ]
 
-SCREENSHOT_SIZES = {"desktop": (1366, 900), "phone": (390, 844)}
+SCREENSHOT_SIZES = {"desktop": (1280, 900), "phone": (390, 844)}
 EXTERNAL_SCHEMES = ("http", "https", "mailto", "javascript", "data", "tel", "ftp", "file")
+
+# A box whose content is wider than the box by more than this scrolls sideways inside the column;
+# 1 px of slack absorbs sub-pixel rounding of widths.
+OVERFLOW_SLACK_PX = 1
+OVERFLOW_LISTED = 5  # boxes named per page; the message gives the count of all of them
+
+# The notebooks' figures are matplotlib PNGs saved at the figure's own dpi, with their text drawn at
+# matplotlib's default 10 pt or larger. Shown at one image pixel per CSS pixel, a figure has (near enough:
+# 100 dpi against the browser's 96 px per inch) its own size, so its smallest text shows at
+# FIGURE_TEXT_PT x (displayed width / natural width). Below MIN_FIGURE_TEXT_PT it is too small to read:
+# the figure is shown at under 90% of its pixel width and should be drawn narrower, or shown wider.
+# (A figure saved at twice its dpi for high-density screens would break the assumption; the book has none.)
+FIGURE_TEXT_PT = 10.0
+MIN_FIGURE_TEXT_PT = 9.0
+
+# Notebook scaffolding a reader should not see in a cell: an nbval marker (in input or output) and a
+# Python warning printed in an output (`UserWarning: ...`, `DeprecationWarning: ...`).
+NBVAL_MARKER = re.compile(r"NBVAL_\w*")
+WARNING_LINE = re.compile(r"\b[A-Z]\w*Warning:")
+
+# TeX with an even run of backslashes directly before a letter: `\\text` in the source, a line break
+# followed by the letters "text", from a markdown cell that escaped its backslashes. An odd run
+# (`\\\approx`: a line break, then \approx) and `\\` before a space or newline are fine.
+DOUBLED_BACKSLASH = re.compile(r"(?<!\\)(?:\\\\)+(?=[A-Za-z])")
 
 
 # --------------------------------------------------------------------------- the table of contents
@@ -224,6 +257,135 @@ def console_problems(entries: Iterable[dict]) -> list[str]:
     return list(dict.fromkeys(problems))
 
 
+# --------------------------------------------------------------------------- the page at desktop width
+
+
+def _quote(text: str, limit: int) -> str:
+    """`text` on one line, its first `limit` characters, in double quotes."""
+    text = " ".join(text.split())
+    return '"' + (text if len(text) <= limit else text[:limit] + "...") + '"'
+
+
+def cell_name(item: dict) -> str:
+    """How a message names a notebook cell: its position among the page's code cells (`cell`, 1-based; 0
+    for something outside a code cell), with its `label`, the first line of its code that is not a comment."""
+    if not item.get("cell"):
+        return "outside the code cells"
+    name = f"code cell {item['cell']} of the page"
+    if item.get("label"):
+        name += f" ({_quote(item['label'], 50)})"
+    return name
+
+
+def overflow_problems(boxes: list[dict], viewport: int) -> list[str]:
+    """One message for the boxes in the article whose content is wider than the box: each scrolls
+    sideways inside the column (or spills out of it). A box is a dict with `tag`, `classes`, `cell`,
+    `label`, `part` ("input", "output" or ""), `text`, `scrollWidth` and `clientWidth`, and `inside`:
+    the indices in `boxes` of the boxes that contain it. A box that contains another overflowing box is
+    left out (the equation, not also the div around it): each overflow is counted once, at its innermost
+    box."""
+    wide = {i: b for i, b in enumerate(boxes) if b["scrollWidth"] > b["clientWidth"] + OVERFLOW_SLACK_PX}
+    outer = {j for b in wide.values() for j in b.get("inside", [])}
+    innermost = [b for i, b in wide.items() if i not in outer]
+    if not innermost:
+        return []
+    described = []
+    for b in innermost[:OVERFLOW_LISTED]:
+        element = b["tag"] + "".join(f".{c}" for c in b.get("classes", "").split()[:1])
+        # The code of a cell's input is its own label: name the cell by its number alone.
+        cell = dict(b, label="") if b.get("label") and b["text"].lstrip().startswith(b["label"]) else b
+        where = f" in the {b['part']} of {cell_name(cell)}" if b.get("part") else ""
+        described.append(
+            f"<{element}>{where} {_quote(b['text'], 50)} is {b['scrollWidth']} px wide "
+            f"in a {b['clientWidth']} px box"
+        )
+    more = f"; and {len(innermost) - OVERFLOW_LISTED} more" if len(innermost) > OVERFLOW_LISTED else ""
+    return [
+        f"{len(innermost)} element(s) scroll sideways inside the column at desktop width ({viewport} px): "
+        + "; ".join(described)
+        + more
+    ]
+
+
+def is_png(src: str) -> bool:
+    """Whether an image source is a PNG: a data: URI of image/png or a path ending in .png."""
+    if src.lower().startswith("data:"):
+        return src.lower().startswith("data:image/png")
+    return urlsplit(src).path.lower().endswith(".png")
+
+
+def small_figure_text_problems(images: list[dict]) -> list[str]:
+    """The PNG figures of notebook outputs shown so much smaller than their pixel size that their text
+    falls below MIN_FIGURE_TEXT_PT (see FIGURE_TEXT_PT). An image is a dict with `src`, `alt`, `cell`,
+    `label`, `naturalWidth` and `width` (displayed, in CSS pixels); one not loaded or not displayed
+    (width 0) is left to the broken-image check."""
+    problems = []
+    for image in images:
+        if not is_png(image["src"]) or image["naturalWidth"] <= 0 or image["width"] <= 0:
+            continue
+        scale = image["width"] / image["naturalWidth"]
+        points = FIGURE_TEXT_PT * scale
+        if points >= MIN_FIGURE_TEXT_PT:
+            continue
+        alt = image.get("alt", "")
+        # myst-nb gives an output image its own path as alt text: that names nothing a reader knows.
+        named = f" {_quote(alt, 60)}" if alt and alt != image["src"] and not is_png(alt) else ""
+        problems.append(
+            f"figure text too small: the output image{named} of {cell_name(image)} is "
+            f"{image['naturalWidth']} px wide but shown {image['width']:.0f} px wide ({scale:.0%}), so its "
+            f"{FIGURE_TEXT_PT:.0f} pt text shows at {points:.1f} pt, below {MIN_FIGURE_TEXT_PT:.0f} pt"
+        )
+    return problems
+
+
+def _line_at(text: str, start: int, limit: int = 100) -> str:
+    """The line of `text` that holds position `start`, quoted and cut to `limit` characters."""
+    begin = text.rfind("\n", 0, start) + 1
+    end = text.find("\n", start)
+    return _quote(text[begin : end if end >= 0 else len(text)], limit)
+
+
+def scaffolding_problems(blocks: list[dict]) -> list[str]:
+    """Notebook scaffolding a reader sees: an nbval marker in a cell's input or output, a Python warning
+    line in an output, a stderr output block. A block is a dict with `cell`, `label`, `part` ("input",
+    "output" or "stderr": a stderr block is also part of its cell's output) and `text`."""
+    problems = []
+    for block in blocks:
+        where, text = cell_name(block), block["text"]
+        if block["part"] == "stderr":
+            problems.append(f"the output of {where} has a stderr block: {_quote(text, 100)}")
+            continue
+        marker = NBVAL_MARKER.search(text)
+        if marker:
+            problems.append(
+                f"the {block['part']} of {where} shows the nbval marker {marker.group()}: "
+                f"{_line_at(text, marker.start())}"
+            )
+        warning = WARNING_LINE.search(text) if block["part"] == "output" else None
+        if warning:
+            problems.append(
+                f"the output of {where} shows a Python warning: {_line_at(text, warning.start())}"
+            )
+    return problems
+
+
+def doubled_backslash_problems(sources: Iterable[str]) -> list[str]:
+    """The TeX sources (as MathJax read them) with a doubled backslash before a letter, each quoted
+    around it: `\\\\text` is a line break and the word "text", not the command \\text."""
+    problems = []
+    for tex in sources:
+        match = DOUBLED_BACKSLASH.search(tex)
+        if match:
+            start = max(0, match.start() - 30)
+            word = re.match(r"[A-Za-z]+", tex[match.end() :]).group()
+            problems.append(
+                f"TeX with a doubled backslash: {match.group()}{word} is drawn as a line break and the "
+                f"letters {word!r} (a markdown cell that escaped its backslashes): "
+                f"...{' '.join(tex[start : match.end() + 30].split())}..."
+            )
+    return problems
+
+
 # --------------------------------------------------------------------------- the browser
 
 # Runs in the page once MathJax is done: everything the checks need, in one round trip.
@@ -236,7 +398,51 @@ clone.querySelectorAll("p, div, li, td, th, h1, h2, h3, h4, h5, h6, dt, dd, figc
   .forEach((e) => e.append("\n"));
 const mathNodes = Array.from(document.querySelectorAll(".math"));
 const origin = location.origin;
+// A notebook cell is named by its position among the page's code cells and its first line of code
+// that is not a comment (the first line is often a `# NBVAL_...` marker).
+const cells = Array.from(document.querySelectorAll("article div.cell"));
+const cellOf = (e) => {
+  const c = e.closest("div.cell");
+  const input = c && c.querySelector(".cell_input");
+  const lines = input ? input.textContent.split("\n").map((l) => l.trim()).filter((l) => l) : [];
+  const label = lines.find((l) => !l.startsWith("#")) || lines[0] || "";
+  return {cell: c ? cells.indexOf(c) + 1 : 0, label: label.slice(0, 80)};
+};
+// Boxes that can be wider than the column: code, outputs, tables, display math. A table does not
+// scroll itself (the theme wraps it in a scrolling div), so it is measured by its parent.
+const boxes = Array.from(document.querySelectorAll(
+  "article pre, article div.cell_output, article table, article div.math, " +
+  'article mjx-container[display="true"]'))
+  .map((e) => ({element: e, box: e.tagName === "TABLE" ? e.parentElement : e}))
+  .filter((b) => b.box.scrollWidth > b.box.clientWidth);
+const math = (window.MathJax && MathJax.startup && MathJax.startup.document && MathJax.startup.document.math)
+  ? Array.from(MathJax.startup.document.math, (item) => item.math) : [];
 return {
+  viewport: document.documentElement.clientWidth,
+  overflow: boxes.map((b) => Object.assign(cellOf(b.element), {
+    tag: b.element.tagName.toLowerCase(),
+    classes: typeof b.element.className === "string" ? b.element.className : "",
+    part: b.element.closest(".cell_output") ? "output" : b.element.closest(".cell_input") ? "input" : "",
+    text: b.element.textContent.trim().slice(0, 200),
+    scrollWidth: b.box.scrollWidth,
+    clientWidth: b.box.clientWidth,
+    inside: boxes.map((o, i) => (o.element !== b.element && o.element.contains(b.element) ? i : -1))
+      .filter((i) => i >= 0),
+  })),
+  figures: Array.from(document.querySelectorAll("article .cell_output img")).map((i) =>
+    Object.assign(cellOf(i), {
+      src: (i.getAttribute("src") || "").slice(0, 300),
+      alt: i.getAttribute("alt") || "",
+      naturalWidth: i.naturalWidth,
+      width: i.getBoundingClientRect().width,
+    })),
+  cellText: Array.from(document.querySelectorAll(
+    "article .cell_input, article .cell_output, article .cell_output div.output.stderr")).map((e) =>
+    Object.assign(cellOf(e), {
+      part: e.matches(".stderr") ? "stderr" : e.matches(".cell_input") ? "input" : "output",
+      text: e.textContent,
+    })),
+  tex: math,
   text: clone.textContent,
   mathNodes: mathNodes.length,
   untypeset: mathNodes.filter((e) => !e.querySelector("mjx-container")).length,
@@ -382,7 +588,9 @@ def mathjax_trouble(settle: dict, report: dict) -> bool:
     return settle["mathjax"] == "absent" and report["mathNodes"] > 0
 
 
-def check_page(driver, base_url: str, page: str, resolver: LinkResolver, timeout: float) -> PageResult:
+def check_page(
+    driver, base_url: str, page: str, resolver: LinkResolver, timeout: float, figure_text: str = "fail"
+) -> PageResult:
     started = time.perf_counter()
     problems: list[str] = []
     for attempt in (1, 2):
@@ -416,9 +624,14 @@ def check_page(driver, base_url: str, page: str, resolver: LinkResolver, timeout
     ]
     problems += resolver.broken_links(page)
     problems += console_problems(driver.get_log("browser"))
+    problems += overflow_problems(report["overflow"], report["viewport"])
+    figures = small_figure_text_problems(report["figures"])
+    problems += scaffolding_problems(report["cellText"])
+    problems += doubled_backslash_problems(report["tex"])
     return PageResult(
         page,
-        problems,
+        problems + (figures if figure_text == "fail" else []),
+        warnings=figures if figure_text == "warn" else [],
         math=report["typeset"],
         images=report["images"],
         links=len(set(resolver.page(resolver.root / page).links)),
@@ -499,6 +712,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chromium", type=Path, default=Path("/usr/bin/chromium"))
     parser.add_argument("--chromedriver", type=Path, default=Path("/usr/bin/chromedriver"))
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a page may take to settle")
+    parser.add_argument(
+        "--figure-text",
+        choices=["fail", "warn"],
+        default="fail",
+        help="whether a figure whose text shows below 9 pt fails the page (default) or is a warning",
+    )
     args = parser.parse_args(argv)
 
     html_root = args.html.resolve()
@@ -521,7 +740,9 @@ def main(argv: list[str] | None = None) -> int:
             driver = start_browser(args.chromium, args.chromedriver, profile_dir)
             try:
                 for page in present:
-                    results.append(check_page(driver, base_url, page, resolver, args.timeout))
+                    results.append(
+                        check_page(driver, base_url, page, resolver, args.timeout, args.figure_text)
+                    )
                     if page in shots:
                         saved += save_screenshots(driver, page, "desktop", args.screenshots)
                 driver.set_window_size(*SCREENSHOT_SIZES["phone"])

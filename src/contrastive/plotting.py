@@ -91,7 +91,7 @@ def timeline_figure():
 def plot_run(metrics: list[dict], summary: dict, label: str | None = None):
     """Loss per epoch beside kNN top-1 per epoch, with the random-init encoder as a dashed line."""
     label = label or summary["method"]
-    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(7, 3.2))
     epochs = [m["epoch"] for m in metrics]
     ax_loss.plot(epochs, [m["loss"] for m in metrics], marker="o", color=color(summary["method"]))
     ax_loss.set(xlabel="epoch", ylabel="training loss", title=f"{label}: loss")

@@ -83,7 +83,8 @@ def runs_table(summaries: dict[str, dict], caption: str = "") -> Table:
 def seeds_table(records: dict[str, list[dict]], caption: str = "") -> Table:
     """Runs over seeds: per run (its name -> the summaries of its seeds, `bench.run_records`), the mean
     of the final kNN top-1 and of the linear probe with their spread over the seeds (largest minus
-    smallest, in points), the mean gain of kNN over the random-init encoder, and mean training time."""
+    smallest, in points; "-" for one run), the mean gain of kNN over the random-init encoder, and mean
+    training time."""
     from .bench import mean_and_spread
 
     rows = []
@@ -98,10 +99,10 @@ def seeds_table(records: dict[str, list[dict]], caption: str = "") -> Table:
                 name,
                 f"{len(runs)}",
                 _pct(knn),
-                f"{100 * knn_spread:.1f}",
+                f"{100 * knn_spread:.1f}" if len(runs) > 1 else "-",
                 f"{100 * gain:+.1f}",
                 _pct(lin),
-                "-" if lin_spread is None else f"{100 * lin_spread:.1f}",
+                "-" if lin_spread is None or len(runs) < 2 else f"{100 * lin_spread:.1f}",
                 f"{minutes:.1f} min",
             ]
         )

@@ -309,3 +309,10 @@ def test_bench_augment_reports_a_positive_rate_for_each_pipeline():
         assert row["batch_size"] == 8 and row["images_per_second"] > 0
     table = format_table(rows)
     assert "batched" in table and "per_image_loop" in table
+
+
+def test_solarize_keeps_a_pixel_rounded_above_one_inside_the_unit_interval():
+    x = torch.tensor([1.0 + 2**-23, 0.75, 0.25]).view(1, 1, 1, 3)  # one float step above 1, as after blur
+    out = solarize(x, p=1.0, generator=seeded())
+    assert out.min() >= 0 and torch.allclose(out, torch.tensor([0.0, 0.25, 0.25]).view(1, 1, 1, 3))
+    assert (1 - x).min() < 0  # control: the unclamped inversion leaves the interval

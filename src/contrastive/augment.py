@@ -342,7 +342,8 @@ def solarize(
     if p == 0:
         return x
     chosen = _per_sample(_coin(p, x.shape[0], generator, x.device))
-    return torch.where(chosen & (x >= threshold), 1 - x, x)
+    # 1 - x clamped: a pixel a float rounding above 1 (after blur or jitter) must not invert below 0
+    return torch.where(chosen & (x >= threshold), (1 - x).clamp_min(0.0), x)
 
 
 @dataclass(frozen=True)

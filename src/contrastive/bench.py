@@ -416,11 +416,8 @@ def load_records(
                     f"{method}'s seed {other['seed']} was trained with another {', '.join(changed)} than "
                     f"seed {s['seed']}: re-run it (scripts/cpu_records.py seeds)"
                 )
-        knn, knn_spread = mean_and_spread([r["knn_top1"] for r in seeds])
-        linear = [r["linear_top1"] for r in seeds if r.get("linear_top1") is not None]
-        lin, lin_spread = mean_and_spread(linear) if linear else (None, None)
-        inits = [r["linear_top1_random_init"] for r in seeds if r.get("linear_top1_random_init") is not None]
-        lin_init = mean_and_spread(inits)[0] if inits else None
+        knn, knn_spread = seed_stats(seeds, "knn_top1")
+        lin, lin_spread = seed_stats(seeds, "linear_top1")
         rows.append(
             {
                 "method": method,
@@ -429,12 +426,12 @@ def load_records(
                 "batch_size": s["batch_size"],
                 "knn_top1": knn,
                 "knn_top1_spread": knn_spread,
-                "knn_top1_random_init": mean_and_spread([r["knn_top1_random_init"] for r in seeds])[0],
+                "knn_top1_random_init": seed_stats(seeds, "knn_top1_random_init")[0],
                 "linear_top1": lin,
                 "linear_top1_spread": lin_spread,
-                "linear_top1_random_init": lin_init,
-                "train_seconds": mean_and_spread([r["train_seconds"] for r in seeds])[0],
-                "seconds": mean_and_spread([r["seconds"] for r in seeds])[0],
+                "linear_top1_random_init": seed_stats(seeds, "linear_top1_random_init")[0],
+                "train_seconds": seed_stats(seeds, "train_seconds")[0],
+                "seconds": seed_stats(seeds, "seconds")[0],
                 "run_device": s["device"],
                 "images_per_second": b["images_per_second"],
                 "peak_memory_bytes": b["peak_memory_bytes"],
@@ -471,6 +468,13 @@ def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
     if not values:
         raise ValueError("no values")
     return sum(values) / len(values), max(values) - min(values)
+
+
+def seed_stats(summaries: Sequence[dict], key: str) -> tuple[float | None, float | None]:
+    """`mean_and_spread` of `key` over the summaries that record it, or (None, None) where none does (a
+    run made with `--no-linear`)."""
+    values = [s[key] for s in summaries if s.get(key) is not None]
+    return mean_and_spread(values) if values else (None, None)
 
 
 def amdahl_speedup(fraction: float, factor: float) -> float:

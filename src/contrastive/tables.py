@@ -85,15 +85,14 @@ def seeds_table(records: dict[str, list[dict]], caption: str = "") -> Table:
     of the final kNN top-1 and of the linear probe with their spread over the seeds (largest minus
     smallest, in points; "-" for one run), the mean gain of kNN over the random-init encoder, and mean
     training time."""
-    from .bench import mean_and_spread
+    from .bench import mean_and_spread, seed_stats
 
     rows = []
     for name, runs in records.items():
-        knn, knn_spread = mean_and_spread([s["knn_top1"] for s in runs])
+        knn, knn_spread = seed_stats(runs, "knn_top1")
         gain, _ = mean_and_spread([s["knn_top1"] - s["knn_top1_random_init"] for s in runs])
-        linear = [s["linear_top1"] for s in runs if s.get("linear_top1") is not None]
-        lin, lin_spread = mean_and_spread(linear) if linear else (None, None)
-        minutes, _ = mean_and_spread([s["train_seconds"] / 60 for s in runs])
+        lin, lin_spread = seed_stats(runs, "linear_top1")
+        minutes = seed_stats(runs, "train_seconds")[0] / 60
         rows.append(
             [
                 name,
